@@ -1,0 +1,223 @@
+"""Synthetic data: determinism, answers consistent with the scenes, disjoint splits, task mix and CLI."""
+
+import hashlib
+import json
+import random
+import re
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from smolvlm.errors import DataError
+from smolvlm.train import synthetic as syn
+
+SIZE = 128  # small pictures keep the suite fast; one test covers the 256 default
+
+
+@pytest.fixture(scope="module")
+def train_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth_a")
+    syn.write_dataset(out, 36, seed=7, image_size=SIZE, progress=False)
+    return out
+
+
+def read_records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def folder_bytes(out):
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_same_bytes_and_other_seed_differs(train_dir, tmp_path):
+    again = tmp_path / "again"
+    syn.write_dataset(again, 36, seed=7, image_size=SIZE, progress=False)
+    assert folder_bytes(again) == folder_bytes(train_dir)
+    other = tmp_path / "other"
+    syn.write_dataset(other, 36, seed=8, image_size=SIZE, progress=False)
+    a, b = folder_bytes(train_dir), folder_bytes(other)
+    assert a.keys() == b.keys()
+    assert a["train.jsonl"] != b["train.jsonl"]
+    assert sum(a[k] == b[k] for k in a if k.endswith(".png")) == 0
+
+
+def test_generate_sample_is_a_function_of_the_rng():
+    for task in syn.TASKS:
+        images1, q1, a1, m1 = syn.generate_sample(task, random.Random(3), 96)
+        images2, q2, a2, m2 = syn.generate_sample(task, random.Random(3), 96)
+        assert (q1, a1, m1) == (q2, a2, m2)
+        assert [im.tobytes() for im in images1] == [im.tobytes() for im in images2]
+        assert all(im.size == (96, 96) and im.mode == "RGB" for im in images1)
+
+
+def test_jsonl_format(train_dir):
+    records = read_records(train_dir / "train.jsonl")
+    assert len(records) == 36
+    assert {r["task"] for r in records} == set(syn.TASKS)  # the default mix holds every task, 4 of each
+    for i, r in enumerate(records):
+        assert r["id"] == f"train-{i:06d}"
+        user, assistant = r["messages"]
+        assert user["role"] == "user" and assistant["role"] == "assistant"
+        images = [p["image"] for p in user["content"] if p["type"] == "image"]
+        texts = [p["text"] for p in user["content"] if p["type"] == "text"]
+        assert user["content"][-1]["type"] == "text" and len(texts) == 1 and texts[0].strip()
+        assert len(images) == (2 if r["task"] == "compare" else 1)
+        for path in images:
+            assert path.startswith("images/") and not path.startswith("/")
+            with Image.open(train_dir / path) as im:
+                assert im.format == "PNG" and im.size == (SIZE, SIZE)
+        assert assistant["content"] == [{"type": "text", "text": assistant["content"][0]["text"]}]
+        assert assistant["content"][0]["text"].strip()
+
+
+def objects_like(scene, shape=None, colour=None):
+    return [o for o in scene["objects"] if shape in (None, o["shape"]) and colour in (None, o["colour"])]
+
+
+def pixel(image, box):
+    """The colour at a point well inside any of our shapes (triangles are widest near their base)."""
+    x0, y0, x1, y1 = box
+    return np.asarray(image)[(y0 + 2 * (y1 - 1)) // 3, (x0 + x1 - 1) // 2].astype(int)
+
+
+def check_answer(task, answer, meta, images):
+    scenes = meta["images"]
+    scene = scenes[0]
+    if task == "caption":
+        phrases = re.split(r", | and ", answer)
+        ordered = sorted(scene["objects"], key=lambda o: o["box"][0] + o["box"][2])
+        assert phrases == [f"{'an' if o['colour'] == 'orange' else 'a'} {o['colour']} {o['shape']}" for o in ordered]
+    elif task == "count":
+        assert answer == str(len(objects_like(scene, meta["shape"]))) and 1 <= int(answer) <= 6
+    elif task == "colour":
+        (target,) = objects_like(scene, meta["shape"])
+        assert answer == target["colour"]
+    elif task == "exists":
+        assert answer == ("yes" if objects_like(scene, meta["shape"], meta["colour"]) else "no")
+    elif task == "spatial":
+        (a,) = objects_like(scene, *meta["subject"])
+        (b,) = objects_like(scene, *meta["object"])
+        (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = a["box"], b["box"]
+        expected = ({"left": ax1 <= bx0, "right": bx1 <= ax0} if meta["axis"] == "horizontal"
+                    else {"above": ay1 <= by0, "below": by1 <= ay0})
+        assert [k for k, v in expected.items() if v] == [answer]
+    elif task == "grounding":
+        (target,) = objects_like(scene, meta["shape"], meta["colour"])
+        m = re.fullmatch(r"<ref>(\w+ \w+)</ref><box>\((\d+),(\d+)\),\((\d+),(\d+)\)</box>", answer)
+        assert m and m.group(1) == f"{target['colour']} {target['shape']}"
+        box = [int(v) for v in m.groups()[1:]]
+        assert all(0 <= v < 1000 for v in box) and box[0] < box[2] and box[1] < box[3]
+        assert np.allclose(np.array(box), np.array(target["box"]) * 1000 / SIZE, atol=1.0)
+    elif task == "compare":
+        if meta["mode"] == "more":
+            a, b = (len(objects_like(s, meta["shape"])) for s in scenes)
+            assert a != b and answer == ("first" if a > b else "second")
+        else:
+            same = scenes[0] == scenes[1]
+            assert answer == ("same" if same else "different")
+            assert (images[0].tobytes() == images[1].tobytes()) == same
+    elif task == "ocr":
+        sign = scene["sign"]
+        assert " ".join(sign["lines"]) == answer == meta["text"]
+        assert 1 <= len(answer.split()) <= 3
+        x0, y0, x1, y1 = sign["box"]
+        inside = np.asarray(images[0])[y0 + sign["border"]:y1 - sign["border"], x0 + sign["border"]:x1 - sign["border"]]
+        ink = np.abs(inside.astype(int) - sign["text_rgb"]).sum(-1) < 30
+        assert ink.mean() > 0.03  # the text is actually painted on the sign
+    elif task == "chart":
+        bars = scene["bars"]
+        top = max(bars, key=lambda b: b["value"])
+        assert [b["value"] for b in bars].count(top["value"]) == 1
+        if meta["question"] == "largest":
+            assert answer == top["label"]
+        else:
+            (bar,) = [b for b in bars if b["label"] == meta["label"]]
+            assert answer == str(bar["value"])
+        px0, py0, px1, py1 = scene["plot"]
+        for b in bars:  # bar heights are on the axis scale
+            assert abs((py1 - b["box"][1]) - b["value"] * (py1 - py0) / syn.CHART_MAX) <= 1
+    else:
+        raise AssertionError(task)
+
+
+def test_answers_match_scene_metadata_and_pixels(train_dir):
+    for r in read_records(train_dir / "train.jsonl"):
+        paths = [p["image"] for p in r["messages"][0]["content"] if p["type"] == "image"]
+        images = [Image.open(train_dir / p).convert("RGB") for p in paths]
+        meta = r["meta"]
+        # the metadata fully determines the pictures
+        for scene, image in zip(meta["images"], images):
+            assert np.array_equal(np.asarray(syn.render_scene(scene)), np.asarray(image))
+        # every named colour is what is painted, and boxes lie inside the picture
+        for scene, image in zip(meta["images"], images):
+            for o in scene.get("objects", []):
+                x0, y0, x1, y1 = o["box"]
+                assert 0 <= x0 < x1 <= SIZE and 0 <= y0 < y1 <= SIZE
+                assert np.abs(pixel(image, o["box"]) - syn.COLOURS[o["colour"]]).max() <= 10
+        check_answer(r["task"], r["messages"][1]["content"][0]["text"], meta, images)
+
+
+def test_shape_pixels_fill_exactly_their_box():
+    rng = random.Random(0)
+    for _ in range(40):
+        side, x, y = rng.randint(8, 60), rng.randint(0, 60), rng.randint(0, 60)
+        for shape in syn.SHAPES:
+            canvas = Image.new("L", (128, 128), 0)
+            syn._draw_object(ImageDraw.Draw(canvas), {"shape": shape, "box": [x, y, x + side, y + side], "rgb": [255]})
+            assert list(canvas.getbbox()) == [x, y, x + side, y + side], shape
+
+
+def test_answer_balance():
+    answers = {t: [syn.generate_sample(t, random.Random(i), 64)[2] for i in range(120)] for t in ("exists", "count")}
+    assert 0.35 < answers["exists"].count("yes") / 120 < 0.65
+    assert set(answers["count"]) == {"1", "2", "3", "4", "5", "6"}
+
+
+def test_eval_split_shares_no_scene_with_train(train_dir, tmp_path):
+    syn.write_dataset(tmp_path, 36, seed=7, split="eval", image_size=SIZE, progress=False)
+    train, evals = read_records(train_dir / "train.jsonl"), read_records(tmp_path / "eval.jsonl")
+    assert all(syn.scene_split(r["meta"]) == "train" for r in train)
+    assert all(syn.scene_split(r["meta"]) == "eval" for r in evals)
+
+    def scene_keys(records):
+        return {json.dumps(s, sort_keys=True) for r in records for s in r["meta"]["images"]}
+
+    assert not scene_keys(train) & scene_keys(evals)
+    train_png = {hashlib.sha256(p.read_bytes()).digest() for p in (train_dir / "images").glob("*.png")}
+    eval_png = {hashlib.sha256(p.read_bytes()).digest() for p in (tmp_path / "images").glob("eval-*.png")}
+    assert len(eval_png) > 30 and not train_png & eval_png
+
+
+def test_task_mix_and_schedule():
+    assert syn.parse_task_mix(None) == dict.fromkeys(syn.TASKS, 1.0)
+    assert syn.parse_task_mix("count=2, ocr") == {"count": 2.0, "ocr": 1.0}
+    assert syn.parse_task_mix(["chart"]) == {"chart": 1.0}
+    schedule = syn.task_schedule({"count": 2.0, "ocr": 1.0}, 9)
+    assert schedule.count("count") == 6 and schedule.count("ocr") == 3
+    assert set(schedule[:3]) == {"count", "ocr"}  # every prefix already mixes the tasks
+    for bad in ("counting", "count=x", "count=0", "count=-1,ocr"):
+        with pytest.raises(DataError):
+            syn.parse_task_mix(bad)
+    with pytest.raises(DataError, match="split"):
+        syn.write_dataset("unused", 1, 0, split="test")
+    with pytest.raises(DataError, match="image size"):
+        syn.generate_sample("count", random.Random(0), 32)
+
+
+def test_cli_main_json(tmp_path, capsys):
+    rc = syn.main(["--n", "4", "--seed", "1", "--out", str(tmp_path), "--tasks", "ocr,chart", "--json"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["tasks"] == {"ocr": 2, "chart": 2} and summary["path"] == str(tmp_path / "train.jsonl")
+    records = read_records(tmp_path / "train.jsonl")
+    assert [r["task"] for r in records] == ["ocr", "chart", "ocr", "chart"]
+    assert syn.main(["--n", "1", "--out", str(tmp_path), "--tasks", "nope"]) == 2
+    assert "unknown synthetic task" in capsys.readouterr().err
+
+
+def test_default_size_is_256(tmp_path):
+    path = syn.write_dataset(tmp_path, 2, seed=0, tasks="ocr,grounding", progress=False)
+    for r in read_records(path):
+        with Image.open(tmp_path / r["messages"][0]["content"][0]["image"]) as im:
+            assert im.size == (256, 256)
