@@ -1,0 +1,98 @@
+"""Static key/value cache: preallocated per-layer buffers the text decoder writes into and attends over.
+
+One write position is shared by every row of the batch (rows of different lengths are left-padded and the padding
+is masked), so a decode step copies one column per layer and attends over a view — no concatenation, no allocation.
+The decoder calls `update` once per layer and `advance` once per forward, after its last layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from smolvlm.config import TextConfig
+from smolvlm.errors import GenerationError
+
+
+class KVCache:
+    """Per-layer key/value buffers of shape (B, kv_heads, max_len, head_dim) and a shared write position."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if batch_size < 1 or max_len < 1:
+            raise GenerationError(f"KVCache needs batch_size >= 1 and max_len >= 1, got {batch_size} and {max_len}")
+        shape = (batch_size, num_kv_heads, max_len, head_dim)
+        # Never read beyond `length`, so uninitialised memory is fine.
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.max_len = max_len
+        self.length = 0  # tokens stored so far (the write position)
+
+    @classmethod
+    def for_config(
+        cls,
+        config: TextConfig,
+        batch_size: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> "KVCache":
+        """A cache sized for a text decoder built from `config`."""
+        return cls(
+            config.num_hidden_layers,
+            batch_size,
+            config.num_key_value_heads,
+            config.head_dim,
+            max_len,
+            dtype=dtype,
+            device=device,
+        )
+
+    @property
+    def batch_size(self) -> int:
+        """Rows currently held."""
+        return self.keys[0].shape[0]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's keys/values (B, kv_heads, T, hd) at the write position; return views of all so far."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise GenerationError(
+                f"KV cache is full: {self.length} tokens stored + {k.shape[2]} new > max_len {self.max_len}; "
+                "allocate a longer cache (prompt length + max_new_tokens)"
+            )
+        key_buf, value_buf = self.keys[layer], self.values[layer]
+        key_buf[:, :, self.length : end] = k
+        value_buf[:, :, self.length : end] = v
+        return key_buf[:, :, :end], value_buf[:, :, :end]  # (B, kv_heads, end, hd) each
+
+    def advance(self, n: int) -> None:
+        """Commit `n` tokens written by the last forward (the decoder calls this after its last layer)."""
+        self.length += n
+
+    def crop(self, length: int) -> None:
+        """Forget everything after the first `length` tokens (e.g. to reuse a shared prompt prefix)."""
+        if not 0 <= length <= self.length:
+            raise GenerationError(f"cannot crop a cache of {self.length} tokens to {length}")
+        self.length = length
+
+    def reset(self) -> None:
+        """Empty the cache, keeping its buffers for the next request."""
+        self.length = 0
+
+    def select(self, rows: Sequence[int] | torch.Tensor) -> None:
+        """Keep only the given batch rows, in the given order (drop finished sequences, reorder beams)."""
+        index = torch.as_tensor(rows, dtype=torch.long, device=self.keys[0].device)
+        if index.numel() == 0:
+            raise GenerationError("KVCache.select needs at least one row")
+        self.keys = [buf.index_select(0, index) for buf in self.keys]
+        self.values = [buf.index_select(0, index) for buf in self.values]

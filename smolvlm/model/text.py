@@ -1,0 +1,254 @@
+"""Llama / SmolLM2 text decoder: token embedding, RoPE, grouped-query attention, SiLU-gated MLP, RMSNorm.
+
+Module and parameter names follow transformers' LlamaModel / LlamaForCausalLM so state dicts map one to one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from smolvlm.config import TextConfig
+from smolvlm.engine.kv_cache import KVCache
+from smolvlm.errors import ConfigError
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in float32, scaled by a learned weight (Llama's definition)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise the last dimension of x."""
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused op on the hot path
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Default (unscaled) rotary position embedding: cos/sin tables for given position ids."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.theta = theta
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+
+    def _inv_freq(self) -> torch.Tensor:
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float) / self.head_dim
+        return 1.0 / (self.theta**exponents)  # (hd/2,)
+
+    def reset_buffers(self, device: torch.device | str) -> None:
+        """Recompute the frequency buffer on `device` (after the module was built on the meta device)."""
+        self.inv_freq = self._inv_freq().to(device)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape (B, 1, T, hd) for position_ids (B, T)."""
+        freqs = position_ids[..., None].float() * self.inv_freq  # (B, T, hd/2)
+        angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, H, T, hd) by the position angles, halves convention (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """Causal grouped-query self-attention with rotary positions, reading/writing an optional KV cache."""
+
+    def __init__(self, config: TextConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D); `mask` is a boolean (B, 1, T, S) or None for plain causal attention."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
+        cos, sin = rope
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, KV, S, hd) with S = past + T
+        # A single query (decode) attends to every cached key: no causal mask needed.
+        is_causal = mask is None and T > 1
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.num_kv_heads != self.num_heads
+        )  # (B, H, T, hd)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SiLU-gated feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        if config.hidden_act != "silu":
+            raise ConfigError(f"unsupported text hidden_act {config.hidden_act!r}: Llama / SmolLM2 use 'silu'")
+        bias = config.mlp_bias
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) -> (B, T, D)."""
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(x))."""
+
+    def __init__(self, config: TextConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        """(B, T, D) -> (B, T, D)."""
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor, num_new: int) -> torch.Tensor:
+    """Positions of the last `num_new` tokens, counting only attended tokens (left padding shifts them)."""
+    positions = attention_mask.long().cumsum(-1) - 1  # (B, S)
+    positions = positions.masked_fill(attention_mask == 0, 0)
+    return positions[:, -num_new:]  # (B, T)
+
+
+def causal_padding_mask(attention_mask: torch.Tensor | None, past: int, num_new: int) -> torch.Tensor | None:
+    """Boolean attention mask (B, 1, T, S) for T new queries after `past` cached tokens; None when plain causal.
+
+    Every query may always see itself, so rows of padding tokens never become fully masked (that would give NaN
+    in SDPA, and a NaN value times a zero weight still poisons real rows).
+    """
+    if attention_mask is not None and bool(attention_mask.all()):
+        attention_mask = None
+    if attention_mask is None and (past == 0 or num_new == 1):
+        return None  # SDPA's is_causal (prefill) or no mask at all (single-token decode)
+    total = past + num_new
+    device = attention_mask.device if attention_mask is not None else None
+    query_pos = torch.arange(past, total, device=device)[:, None]  # (T, 1)
+    key_pos = torch.arange(total, device=device)[None, :]  # (1, S)
+    mask = (key_pos <= query_pos)[None, None]  # (1, 1, T, S)
+    if attention_mask is not None:
+        mask = mask & attention_mask.bool()[:, None, None, :]  # (B, 1, T, S)
+        mask = mask | (key_pos == query_pos)[None, None]
+    return mask
+
+
+class TextDecoder(nn.Module):
+    """Llama decoder stack (no LM head): embed_tokens, layers, final norm."""
+
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """inputs_embeds (B, T, D), attention_mask (B, past+T) with 1 = attend -> hidden states (B, T, D)."""
+        B, T, _ = inputs_embeds.shape
+        past = cache.length if cache is not None else 0
+        if attention_mask is not None and attention_mask.shape != (B, past + T):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, expected (batch, cached + new) = "
+                f"({B}, {past + T})"
+            )
+        if position_ids is None:
+            if attention_mask is None:
+                position_ids = torch.arange(past, past + T, device=inputs_embeds.device)[None].expand(B, T)
+            else:
+                position_ids = position_ids_from_mask(attention_mask, T)
+        rope = self.rotary(position_ids, inputs_embeds.dtype)
+        mask = causal_padding_mask(attention_mask, past, T)
+        x = inputs_embeds
+        for layer in self.layers:
+            x = layer(x, rope, mask, cache)
+        if cache is not None:
+            cache.advance(T)
+        return self.norm(x)
+
+
+class CausalLM(nn.Module):
+    """Text-only SmolLM2 / Llama model; state-dict keys exactly those of transformers' LlamaForCausalLM."""
+
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = TextDecoder(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share lm_head with the token embedding when the config says so."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        position_ids: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+    ) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V); with logits_to_keep=n > 0 only the last n positions."""
+        hidden = self.model(self.model.embed_tokens(input_ids), attention_mask, position_ids, cache)  # (B, T, D)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        return self.lm_head(hidden)
+
+    @classmethod
+    def from_pretrained(
+        cls, path_or_name: str, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> "CausalLM":
+        """Load a Hugging Face llama folder (local path or hub id) with safetensors weights."""
+        from smolvlm.weights.checkpoint import load_causal_lm
+
+        return load_causal_lm(path_or_name, device=device, dtype=dtype)
+
+    def save_pretrained(self, directory: str) -> None:
+        """Write config.json + model.safetensors that transformers' LlamaForCausalLM loads."""
+        from smolvlm.weights.checkpoint import save_causal_lm
+
+        save_causal_lm(self, directory)
