@@ -107,19 +107,19 @@ def _paste_text(image: Image.Image, text: str, style: str, size: int, centre: Se
 def _render_background(background: Mapping[str, Any], size: Sequence[int]) -> Image.Image:
     """Plain colour, linear gradient, or plain colour with seeded gaussian noise."""
     w, h = size
-    c1 = np.asarray(background["colour"], dtype=np.float32)
     kind = background["kind"]
     if kind == "plain":
-        pixels = np.broadcast_to(c1, (h, w, 3))
-    elif kind == "gradient":
+        return Image.new("RGB", (w, h), tuple(background["colour"]))
+    c1 = np.asarray(background["colour"], dtype=np.float32)
+    if kind == "gradient":
         c2 = np.asarray(background["colour2"], dtype=np.float32)
-        ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
-        t = {"horizontal": xs / max(w - 1, 1), "vertical": ys / max(h - 1, 1),
-             "diagonal": (xs + ys) / max(w + h - 2, 1)}[background["direction"]]  # (H, W) in [0, 1]
+        xs = np.linspace(0.0, 1.0, w, dtype=np.float32)[None, :]  # (1, W)
+        ys = np.linspace(0.0, 1.0, h, dtype=np.float32)[:, None]  # (H, 1)
+        t = {"horizontal": xs + 0 * ys, "vertical": ys + 0 * xs, "diagonal": (xs + ys) / 2}[background["direction"]]
         pixels = c1 + (c2 - c1) * t[..., None]  # (H, W, 3)
     elif kind == "noise":
-        noise = np.random.default_rng(background["seed"]).normal(0.0, background["sigma"], (h, w, 3))
-        pixels = c1 + noise  # (H, W, 3)
+        noise = np.random.default_rng(background["seed"]).standard_normal((h, w, 3), dtype=np.float32)
+        pixels = c1 + background["sigma"] * noise  # (H, W, 3)
     else:
         raise DataError(f"scene background kind {kind!r} is unknown; expected plain, gradient or noise")
     return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "RGB")
