@@ -1,0 +1,103 @@
+"""The engine: greedy generation token-identical to transformers' generate; batching, stopping, streaming."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers_model import hf_smolvlm, image_prompt, left_pad, ours_from_hf, random_tiles, tiny_config
+from smolvlm.engine.generate import Engine, GenerationConfig
+from smolvlm.errors import GenerationError
+
+NEW = 12
+
+
+@pytest.fixture(scope="module", params=["256M", "2.2B"])
+def pair(request):
+    config = tiny_config(request.param)
+    hf = hf_smolvlm(config, seed=3)
+    return config, hf, ours_from_hf(hf, config)
+
+
+def _eos(config) -> int:
+    return config.text.vocab_size - 1
+
+
+def _reference(hf, config, input_ids, attention_mask, **vision) -> list[list[int]]:
+    with torch.inference_mode():
+        out = hf.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=NEW, do_sample=False,
+                          eos_token_id=_eos(config), pad_token_id=0, **vision)
+    rows = out[:, input_ids.shape[1]:].tolist()
+    return [row[: row.index(_eos(config))] if _eos(config) in row else row for row in rows]
+
+
+def _ours(model, config, input_ids, attention_mask, **vision) -> list[list[int]]:
+    engine = Engine(model, lambda ids: " ".join(map(str, ids)), [_eos(config)])
+    configs = [GenerationConfig(max_new_tokens=NEW)] * input_ids.shape[0]
+    return [r.token_ids for r in engine.generate(input_ids, attention_mask, configs, **vision)]
+
+
+def test_text_only_greedy_matches_transformers(pair):
+    config, hf, ours = pair
+    ids = torch.randint(1, config.image_token_id - 1, (1, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    assert _ours(ours, config, ids, mask) == _reference(hf, config, ids, mask)
+
+
+def test_multi_image_greedy_matches_transformers(pair):
+    config, hf, ours = pair
+    ids = image_prompt(config, tiles=3, text_before=4, text_after=5, seed=1)[None]
+    pixels, pixel_mask = random_tiles(config, [3], seed=2)
+    vision = dict(pixel_values=pixels, pixel_attention_mask=pixel_mask)
+    mask = torch.ones_like(ids)
+    assert _ours(ours, config, ids, mask, **vision) == _reference(hf, config, ids, mask, **vision)
+
+
+def test_padded_batch_greedy_matches_transformers(pair):
+    config, hf, ours = pair
+    gen = torch.Generator().manual_seed(5)
+    rows = [torch.randint(1, config.image_token_id - 1, (n,), generator=gen) for n in (4, 11, 7)]
+    ids, mask = left_pad(rows)
+    assert _ours(ours, config, ids, mask) == _reference(hf, config, ids, mask)
+
+
+def test_batched_rows_equal_single_runs(pair):
+    config, _, ours = pair
+    gen = torch.Generator().manual_seed(9)
+    rows = [torch.randint(1, config.image_token_id - 1, (n,), generator=gen) for n in (3, 8)]
+    ids, mask = left_pad(rows)
+    batched = _ours(ours, config, ids, mask)
+    singles = [_ours(ours, config, r[None], torch.ones(1, len(r), dtype=torch.long))[0] for r in rows]
+    assert batched == singles
+
+
+def test_stop_strings_streaming_and_usage(pair):
+    config, _, ours = pair
+    engine = Engine(ours, lambda ids: "".join(chr(97 + i % 26) for i in ids), [_eos(config)])
+    ids = torch.randint(1, 50, (1, 6), generator=torch.Generator().manual_seed(2))
+    full = engine.generate(ids, torch.ones_like(ids), [GenerationConfig(max_new_tokens=NEW)])[0]
+    assert full.finish_reason in ("length", "stop") and full.prompt_tokens == 6
+    if len(full.text) < 4:
+        pytest.skip("random model ended too early for a stop-string check")
+    stop = full.text[2:4]
+    results = []
+    pieces = list(engine.stream(ids, torch.ones_like(ids), [GenerationConfig(max_new_tokens=NEW, stop=[stop])],
+                                results=results))
+    streamed = "".join(p.text for p in pieces)
+    assert streamed == full.text[: full.text.index(stop)] == results[0].text
+    assert results[0].finish_reason == "stop" and stop not in streamed
+    assert pieces[-1].finish_reason == "stop"
+
+
+def test_bad_options_and_context_overflow(pair):
+    config, _, ours = pair
+    with pytest.raises(GenerationError):
+        GenerationConfig(max_new_tokens=0)
+    with pytest.raises(GenerationError):
+        GenerationConfig(stop=["x"] * 1000)
+    with pytest.raises(GenerationError, match="unknown generation option"):
+        GenerationConfig().updated(max_tokens=3)
+    engine = Engine(ours, str, [_eos(config)])
+    ids = torch.ones(1, 4, dtype=torch.long)
+    with pytest.raises(GenerationError, match="context"):
+        engine.generate(ids, torch.ones_like(ids), [GenerationConfig(max_new_tokens=10**6)])
