@@ -235,14 +235,14 @@ class ChatTemplate:
     def renders_string_content(self) -> bool:
         """Whether string `content` reaches the output. SmolVLM v1 templates only read lists of parts, so a plain
         string (a system prompt, say) would vanish; for such templates strings are wrapped as one text part."""
-        probe = "\x00probe\x00"
+        probe = "smolvlmprobe"
         try:
             out = self._template.render(
                 messages=[{"role": "user", "content": probe}], add_generation_prompt=False, **self.variables
             )
         except jinja2.exceptions.TemplateError:
             return True
-        return probe in out
+        return probe in out.lower()
 
 
 def _text_parts(message: Message) -> Message:
