@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from smolvlm.engine.generate import Engine, GenerationConfig, GenerationResult
-from smolvlm.errors import ConfigError, GenerationError, PromptError
+from smolvlm.errors import ConfigError, GenerationError, ModelNotFoundError, PromptError
 from smolvlm.processing import Batch, Processor, Tokenizer
 
 Message = dict[str, Any]
@@ -180,8 +180,13 @@ def load(name_or_path: str | os.PathLike = "demo", device: str | torch.device = 
     if name in SMOLLM2_NAMES or name.endswith(".gguf"):
         return _load_gguf(name, device, dtype)
     if name == "demo":
-        from smolvlm.demo import demo_checkpoint
-
+        try:
+            from smolvlm.demo import demo_checkpoint
+        except ImportError as e:
+            raise ModelNotFoundError(
+                "the bundled demo model is not in this version yet; pass a checkpoint folder, a hub id, "
+                "a .gguf file or 'smollm2' (-m on the command line)"
+            ) from e
         name_or_path = demo_checkpoint()
     from smolvlm.weights.checkpoint import load_model
     from smolvlm.weights.hub import resolve_model_path
