@@ -349,3 +349,17 @@ def test_normalization_table_is_the_reference_float_math():
     levels = np.broadcast_to(np.arange(256, dtype=np.uint8), (3, 1, 256))
     expected = normalize(rescale(levels, 1 / 255), config.image_mean, config.image_std, input_data_format="channels_first")
     assert np.array_equal(table, expected[:, 0, :])
+
+
+@pytest.mark.parametrize("add_bos, add_eos", [(True, False), (False, True), (True, True), (False, False)])
+def test_tokenizer_bos_eos_flags_without_tokenizer_json(add_bos, add_eos):
+    """Built from a tokenizer object (the GGUF path), explicit add_bos/eos flags act as in transformers."""
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    special = {"bos_token": "<|im_start|>", "eos_token": "<end_of_utterance>", "pad_token": "<|im_end|>"}
+    flags = {"add_bos_token": add_bos, "add_eos_token": add_eos}
+    ours = Tokenizer(pf.build_tokenizer(), special, config=flags)
+    ref = TokenizersBackend(tokenizer_object=pf.build_tokenizer(), **special, **flags)
+    for text in ("hi there", "<image> 12"):
+        assert ours.encode(text) == ref(text)["input_ids"]
+        assert ours.encode(text, add_special_tokens=False) == ref(text, add_special_tokens=False)["input_ids"]

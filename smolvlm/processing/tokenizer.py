@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import AddedToken
+from tokenizers import AddedToken, processors
 from tokenizers import Tokenizer as BackendTokenizer
 
 from smolvlm.config import read_json
@@ -52,7 +52,9 @@ class Tokenizer:
 
         `special_tokens`: {"bos_token": "<|im_start|>", "eos_token": ..., "pad_token": ..., "unk_token": ...,
         "image_token": ..., "additional_special_tokens": [...]}; values may be token strings or ids ("bos_token_id": 1
-        works too). `config`: the rest of tokenizer_config.json (kept and written back by `save`).
+        works too). `config`: the rest of tokenizer_config.json (kept and written back by `save`); an explicit
+        `add_bos_token` / `add_eos_token` there replaces the post-processor, as transformers does for a tokenizer
+        built without a tokenizer.json (a GGUF vocabulary, say).
         """
         self.backend = copy.deepcopy(tokenizer)
         # transformers resets any truncation/padding baked into tokenizer.json on every call
@@ -77,6 +79,16 @@ class Tokenizer:
         # Like transformers: special tokens the vocabulary lacks are added (as special, unnormalized).
         wanted = list(self.special_tokens.values()) + self.extra_special_tokens
         self.backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in dict.fromkeys(wanted)])
+        if "add_bos_token" in self.config or "add_eos_token" in self.config:
+            self._bos_eos_post_processor(bool(self.config.get("add_bos_token")), bool(self.config.get("add_eos_token")))
+
+    def _bos_eos_post_processor(self, add_bos: bool, add_eos: bool) -> None:
+        """transformers' `update_post_processor`: BOS before and/or EOS after each sequence."""
+        bos, eos = self.bos_token if add_bos else None, self.eos_token if add_eos else None
+        single = " ".join(([f"{bos}:0"] if bos else []) + ["$A:0"] + ([f"{eos}:0"] if eos else []))
+        pair = " ".join([single] + ([f"{bos}:1"] if bos else []) + ["$B:1"] + ([f"{eos}:1"] if eos else []))
+        specials = [(t, self.token_to_id(t)) for t in (bos, eos) if t]
+        self.backend.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
 
     def _as_text(self, key: str, value: Any) -> str:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -104,6 +116,9 @@ class Tokenizer:
             raise CheckpointError(f"{path}: not a valid tokenizers file ({e})") from e
         config_path = directory / "tokenizer_config.json"
         config = read_json(config_path) if config_path.is_file() else {}
+        # With a tokenizer.json its post-processor decides; transformers drops these two flags then.
+        config.pop("add_bos_token", None)
+        config.pop("add_eos_token", None)
         special = {k: config[k] for k in NAMED_SPECIAL_TOKENS if config.get(k) is not None}
         # Model-specific named tokens (image_token, ...) are any other string-valued *_token key.
         special.update({k: v for k, v in config.items() if k.endswith("_token") and isinstance(v, str)})
