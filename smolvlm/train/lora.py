@@ -1,0 +1,179 @@
+"""LoRA: low-rank adapters on chosen linear layers, saved in PEFT's format for transformers' SmolVLM.
+
+    y = base(x) + (alpha / r) · B(A(dropout(x)))      A: (r, in) kaiming-uniform, B: (out, r) zeros (PEFT's init)
+
+Targets are regular expressions searched in our module names (which are transformers' names without the `model.`
+prefix), e.g. `text_model.*(q_proj|v_proj)`. The adapter file uses PEFT's keys for
+SmolVLMForConditionalGeneration: `base_model.model.model.text_model.layers.0.self_attn.q_proj.lora_A.weight`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from smolvlm.errors import CheckpointError, ConfigError
+from smolvlm.weights.checkpoint import vlm_hub_key, vlm_key
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+# Every projection of the three parts: SigLIP attention/MLP, the connector, Llama attention/MLP.
+DEFAULT_TARGETS = (r"(q_proj|k_proj|v_proj|o_proj|out_proj|gate_proj|up_proj|down_proj|fc1|fc2)$",
+                   r"modality_projection\.proj$")
+
+
+@dataclass
+class LoRAConfig:
+    """Rank, scale, dropout and target patterns of an adapter."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+
+    @property
+    def scaling(self) -> float:
+        """The factor alpha / r applied to the low-rank update."""
+        return self.alpha / self.r
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus a trainable low-rank update."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0) -> None:
+        super().__init__()
+        if r <= 0:
+            raise ConfigError(f"LoRA rank must be positive, got {r}")
+        self.base = base
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=base.weight.device, dtype=base.weight.dtype)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling = alpha / r
+        base.weight.requires_grad_(False)
+        if base.bias is not None:
+            base.bias.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(…, in) -> (…, out)."""
+        return self.base(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+
+    def merged(self) -> nn.Linear:
+        """A plain nn.Linear with W + scaling · B @ A."""
+        base = self.base
+        out = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
+                        device=base.weight.device, dtype=base.weight.dtype)
+        with torch.no_grad():
+            delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling  # (out, in)
+            out.weight.copy_((base.weight.float() + delta).to(base.weight.dtype))
+            if base.bias is not None:
+                out.bias.copy_(base.bias)
+        return out
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def matching_linears(model: nn.Module, patterns: Iterable[str], prefixes: Iterable[str] = ("",)) -> list[str]:
+    """Names of nn.Linear modules under one of `prefixes` whose name matches any pattern (re.search)."""
+    compiled = [re.compile(p) for p in patterns]
+    prefixes = tuple(prefixes)
+    return [name for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and name.startswith(prefixes) and any(c.search(name) for c in compiled)]
+
+
+def apply_lora(model: nn.Module, config: LoRAConfig, prefixes: Iterable[str] = ("",)) -> list[str]:
+    """Wrap matching linears (under `prefixes`, e.g. "text_model.") in LoRALinear; returns the wrapped names."""
+    names = matching_linears(model, config.targets, prefixes)
+    if not names:
+        raise ConfigError(f"no linear layer under {list(prefixes)} matches the LoRA targets {config.targets}")
+    for name in names:
+        _set_module(model, name, LoRALinear(model.get_submodule(name), config.r, config.alpha, config.dropout))
+    return names
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    """Every LoRALinear in the model by name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Replace every LoRALinear by its merged nn.Linear, in place; returns the model."""
+    for name, module in lora_modules(model).items():
+        _set_module(model, name, module.merged())
+    return model
+
+
+def peft_key(module_name: str, which: str) -> str:
+    """PEFT's adapter key of our module's lora_A / lora_B weight."""
+    hub_module = vlm_hub_key(f"{module_name}.weight").removesuffix(".weight")
+    return f"{PEFT_PREFIX}{hub_module}.{which}.weight"
+
+
+def save_adapter(model: nn.Module, config: LoRAConfig, directory: str | Path, base_model: str = "") -> Path:
+    """Write adapter_config.json + adapter_model.safetensors (PEFT format); returns the folder."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    modules = lora_modules(model)
+    if not modules:
+        raise ConfigError("the model has no LoRA layers to save")
+    tensors = {}
+    for name, m in modules.items():
+        tensors[peft_key(name, "lora_A")] = m.lora_A.weight.detach().cpu().contiguous()
+        tensors[peft_key(name, "lora_B")] = m.lora_B.weight.detach().cpu().contiguous()
+    save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    peft_config = {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model, "r": config.r,
+        "lora_alpha": config.alpha, "lora_dropout": config.dropout, "bias": "none", "fan_in_fan_out": False,
+        "target_modules": sorted(vlm_hub_key(f"{n}.weight").removesuffix(".weight") for n in modules),
+        "modules_to_save": None, "inference_mode": True, "init_lora_weights": True, "use_rslora": False,
+        "use_dora": False, "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
+        "alpha_pattern": {},
+    }  # fmt: skip
+    (directory / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n", encoding="utf-8")
+    return directory
+
+
+def load_adapter(model: nn.Module, directory: str | Path) -> LoRAConfig:
+    """Apply a PEFT LoRA adapter folder to our model (wrapping its target linears) and load its weights."""
+    directory = Path(directory)
+    config_path, weights_path = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
+    if not config_path.is_file() or not weights_path.is_file():
+        raise CheckpointError(f"{directory}: not a LoRA adapter folder (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
+    data = json.loads(config_path.read_text(encoding="utf-8"))
+    if data.get("peft_type") != "LORA" or data.get("use_dora") or data.get("use_rslora"):
+        raise CheckpointError(f"{config_path}: only plain LoRA adapters are supported (peft_type LORA, no DoRA/rsLoRA)")
+    tensors = load_file(str(weights_path))
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        stem, which = key.removeprefix(PEFT_PREFIX).rsplit(".", 2)[0], key.rsplit(".", 2)[1]
+        name = vlm_key(f"{stem}.weight")
+        if name is None or which not in ("lora_A", "lora_B"):
+            raise CheckpointError(f"{weights_path}: unexpected adapter key {key!r}")
+        modules.setdefault(name.removesuffix(".weight"), {})[which] = tensor
+    config = LoRAConfig(r=int(data["r"]), alpha=float(data["lora_alpha"]), dropout=float(data.get("lora_dropout", 0)))
+    for name, pair in modules.items():
+        try:
+            base = model.get_submodule(name)
+        except AttributeError as e:
+            raise CheckpointError(f"{weights_path}: the adapter targets {name!r}, which this model lacks") from e
+        if not isinstance(base, nn.Linear) or set(pair) != {"lora_A", "lora_B"}:
+            raise CheckpointError(f"{weights_path}: {name!r} is not a linear layer with lora_A and lora_B")
+        wrapped = LoRALinear(base, pair["lora_A"].shape[0], config.alpha, config.dropout)
+        with torch.no_grad():
+            wrapped.lora_A.weight.copy_(pair["lora_A"])
+            wrapped.lora_B.weight.copy_(pair["lora_B"])
+        _set_module(model, name, wrapped)
+    return config
