@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from smolvlm.config import TextConfig
+from smolvlm.engine.kv_cache import KVCache
 from smolvlm.errors import CheckpointError
 from smolvlm.model.text import CausalLM
 from smolvlm.weights.gguf import (
@@ -193,14 +194,16 @@ def test_logits_match_transformers(ours, our_model, hf_model):
 
 
 def _greedy(model: CausalLM, ids: list[int], eos_id: int, max_new_tokens: int = 20) -> list[int]:
+    cache = KVCache.for_config(model.config, batch_size=1, max_len=len(ids) + max_new_tokens)
+    step = torch.tensor([ids])  # (1, T): the prompt, then one token at a time
     out: list[int] = []
     for _ in range(max_new_tokens):
         with torch.no_grad():
-            logits = model(torch.tensor([ids + out]), logits_to_keep=1)  # (1, 1, V), full forward each step
-        next_id = int(logits[0, -1].argmax())
+            next_id = int(model(step, cache=cache, logits_to_keep=1)[0, -1].argmax())
         if next_id == eos_id:
             break
         out.append(next_id)
+        step = torch.tensor([[next_id]])
     return out
 
 
@@ -233,7 +236,108 @@ def test_hf_folder_loads_in_transformers(ours, our_model, tmp_path):
     assert model.generation_config.eos_token_id == 2
     ids = torch.tensor([tok(prompt)["input_ids"]])  # (1, T)
     with torch.no_grad():
-        assert (model(ids).logits - our_model(ids)).abs().max().item() <= 1e-4
+        expected = our_model(ids)  # (1, T, V)
+        assert (model(ids).logits - expected).abs().max().item() <= 1e-4
+        assert torch.equal(CausalLM.from_pretrained(str(out)).eval()(ids), expected)  # our loader reads it back
+
+
+# ---- a tiny synthetic GGUF: untied output, GQA permutation, added tokens, respelled vocabulary ----
+
+
+def _llama_cpp_permute(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """What llama.cpp's convert_hf_to_gguf does to q/k rows (its `permute`)."""
+    return weight.reshape(num_heads, 2, weight.shape[0] // num_heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(
+        weight.shape
+    )
+
+
+def _write_tiny_gguf(path, pre: str = "smollm") -> tuple[TextConfig, dict[str, torch.Tensor]]:
+    gguf = pytest.importorskip("gguf")
+    from tokenizers import pre_tokenizers
+
+    config = TextConfig(vocab_size=262, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rope_theta=500.0)
+    torch.manual_seed(0)
+    model = CausalLM(config)
+    hf = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    # 256 byte-level symbols, two merged tokens, one written raw (not in the byte alphabet, as some writers do),
+    # then a control token, a user-defined one and a padding slot.
+    tokens = list(pre_tokenizers.ByteLevel.alphabet())
+    tokens += ["Ġh", "âĤ", "€", "<|im_start|>", "<think>", "<|im_end|>"]
+    types = [1] * 259 + [3, 4, 3]
+    merges = ["Ġ h", "â Ĥ", "âĤ ¬"]
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(2)
+    writer.add_context_length(64)
+    writer.add_embedding_length(16)
+    writer.add_feed_forward_length(24)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_rope_dimension_count(4)
+    writer.add_rope_freq_base(500.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(262)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(259)
+    writer.add_eos_token_id(261)
+    writer.add_chat_template("{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}")
+    gguf_names = {hf_tensor_name(n): n for n in ["token_embd.weight", "output_norm.weight", "output.weight"]}
+    for layer in range(2):
+        for short in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up",
+                      "ffn_down"):
+            name = f"blk.{layer}.{short}.weight"
+            gguf_names[hf_tensor_name(name)] = name
+    for hf_key, name in gguf_names.items():
+        tensor = hf[hf_key]
+        if ".attn_q." in name:
+            tensor = _llama_cpp_permute(tensor, 4)
+        elif ".attn_k." in name:
+            tensor = _llama_cpp_permute(tensor, 2)
+        writer.add_tensor(name, tensor.numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return config, hf
+
+
+def test_tiny_gguf_round_trip(tmp_path):
+    config, hf = _write_tiny_gguf(tmp_path / "tiny.gguf")
+    loaded = read_gguf(tmp_path / "tiny.gguf")
+    c = loaded.text_config
+    assert (c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rope_theta) == (4, 2, 4, 500.0)
+    assert not c.tie_word_embeddings  # the file has output.weight
+    assert set(loaded.state_dict) == set(hf)
+    for name, tensor in hf.items():
+        assert torch.equal(loaded.state_dict[name], tensor), name
+
+    model = loaded.build_causal_lm()
+    ids = torch.tensor([[259, 1, 2, 3, 261]])
+    with torch.no_grad():
+        reference = CausalLM(config)
+        reference.load_state_dict(hf)
+        assert torch.equal(model(ids), reference.eval()(ids))
+
+    tok = loaded.tokenizer
+    assert tok.special_tokens == {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}
+    assert tok.tokenizer.encode("€ h").ids == [258, 256]  # the raw "€" entry was respelled as its bytes "âĤ¬"
+    assert tok.tokenizer.decode([258, 256]) == "€ h"
+    encoding = tok.tokenizer.encode("<|im_start|>x<think>y")
+    assert encoding.ids[0] == 259 and 260 in encoding.ids  # added tokens stay whole
+    added = tok.tokenizer.get_added_tokens_decoder()
+    assert added[259].special and not added[260].special and added[261].special
+
+
+def test_unknown_pre_tokenizer_is_refused(tmp_path):
+    _write_tiny_gguf(tmp_path / "tiny.gguf", pre="some-new-regex")
+    with pytest.raises(CheckpointError, match="some-new-regex"):
+        read_gguf(tmp_path / "tiny.gguf")
 
 
 # ---- errors ----

