@@ -5,8 +5,10 @@ from __future__ import annotations
 import importlib.util
 import json
 
+import gguf
 import pytest
 import torch
+from tokenizers import pre_tokenizers
 
 from smolvlm.config import TextConfig
 from smolvlm.engine.kv_cache import KVCache
@@ -252,9 +254,6 @@ def _llama_cpp_permute(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 def _write_tiny_gguf(path, pre: str = "smollm") -> tuple[TextConfig, dict[str, torch.Tensor]]:
-    gguf = pytest.importorskip("gguf")
-    from tokenizers import pre_tokenizers
-
     config = TextConfig(vocab_size=262, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rope_theta=500.0)
     torch.manual_seed(0)
