@@ -34,9 +34,14 @@ def test_file_that_is_not_an_image(processor, tmp_path):
     assert str(path) in str(error.value) and "sample 0 image 0" in str(error.value)
 
 
+def _cut(data: bytes) -> bytes:
+    """The header intact, two thirds of the scan data."""
+    return data[: len(data) * 2 // 3]
+
+
 def test_truncated_jpeg(processor, tmp_path):
     path = tmp_path / "cut.jpg"
-    path.write_bytes(_jpeg()[:400])
+    path.write_bytes(_cut(_jpeg()))
     with pytest.raises(ImageError, match="cannot decode image") as error:
         processor(["<image>"], [[path]])
     assert "cut.jpg" in str(error.value)
@@ -44,7 +49,15 @@ def test_truncated_jpeg(processor, tmp_path):
 
 def test_truncated_jpeg_bytes():
     with pytest.raises(ImageError, match="bytes: cannot decode image"):
+        load_image(_cut(_jpeg()))
+    with pytest.raises(ImageError, match="400 bytes: cannot read image header"):
         load_image(_jpeg()[:400])
+
+
+def test_truncated_jpeg_opened_lazily_by_the_caller():
+    lazy = Image.open(io.BytesIO(_cut(_jpeg())))  # PIL reads only the header here
+    with pytest.raises(ImageError, match="PIL image RGB 64x48: cannot decode image"):
+        load_image(lazy)
 
 
 @pytest.mark.parametrize("kind", ["path", "bytes", "pil", "array"])

@@ -26,7 +26,7 @@ from typing import Any, Union
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from smolvlm.errors import ImageError
 
@@ -106,6 +106,8 @@ def load_image(image: ImageInput, max_pixels: int | None = DEFAULT_MAX_PIXELS, n
     label = name or _describe(image)
     if isinstance(image, Image.Image):
         pil = image
+        _check_pixels(pil.size[0], pil.size[1], label, max_pixels)
+        _decode_pixels(pil, label)  # a lazily opened image may still fail here
     elif isinstance(image, np.ndarray):
         pil = _array_to_pil(image, label)
     elif isinstance(image, (bytes, bytearray, memoryview)):
@@ -122,6 +124,8 @@ def load_image(image: ImageInput, max_pixels: int | None = DEFAULT_MAX_PIXELS, n
         raise ImageError(f"{label}: image has zero size ({width}x{height})")
     _check_pixels(width, height, label, max_pixels)
     try:
+        if pil.getexif().get(ExifTags.Base.Orientation, 1) == 1:
+            return pil  # upright already (exif_transpose would copy it)
         return ImageOps.exif_transpose(pil)
     except Exception as e:  # a broken EXIF block must not hide the image
         raise ImageError(f"{label}: cannot apply EXIF orientation ({e})") from e
@@ -173,16 +177,23 @@ def _open(source: Path | io.BytesIO, label: str, max_pixels: int | None) -> Imag
             image = Image.open(source)
             # the header gives the size: refuse a bomb before decoding its pixels
             _check_pixels(image.size[0], image.size[1], label, max_pixels)
-            image.load()
     except ImageError:
         raise
     except Image.DecompressionBombError as e:
         raise ImageError(f"{label}: {e}") from e
     except UnidentifiedImageError as e:
         raise ImageError(f"{label}: not an image file Pillow can decode") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{label}: cannot read image header ({e})") from e
+    _decode_pixels(image, label)
+    return image
+
+
+def _decode_pixels(image: Image.Image, label: str) -> None:
+    try:
+        image.load()
     except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
         raise ImageError(f"{label}: cannot decode image ({e})") from e
-    return image
 
 
 def _array_to_pil(array: np.ndarray, label: str) -> Image.Image:
