@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from smolvlm.errors import ImageError
+from smolvlm.errors import ConfigError, ImageError
 
 ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
 
@@ -95,7 +95,7 @@ def _longest_edge(value: Any, name: str) -> int:
         return int(value["longest_edge"])
     if isinstance(value, int):
         return value
-    raise ImageError(f"image processor config: `{name}` must be {{'longest_edge': N}}, got {value!r}")
+    raise ConfigError(f"image processor config: `{name}` must be {{'longest_edge': N}}, got {value!r}")
 
 
 # ---- decoding ----

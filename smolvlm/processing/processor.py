@@ -93,9 +93,7 @@ class Processor:
             global_image=tokenizer.special_token("global_image_token", "<global-img>"),
         )
         self.end_of_utterance_token = tokenizer.special_token("end_of_utterance_token", "<end_of_utterance>")
-        self._template = None if self.chat_template is None else ChatTemplate(
-            self.chat_template, tokenizer.template_variables()
-        )
+        self._template: ChatTemplate | None = None  # compiled on first use: a broken template only breaks chat
 
     # ---- loading and saving ----
 
@@ -170,8 +168,10 @@ class Processor:
         return self(texts, images, add_special_tokens=not (bos and texts[0].startswith(bos)))
 
     def _chat_template(self) -> ChatTemplate:
-        if self._template is None:
+        if self.chat_template is None:
             raise PromptError("this checkpoint has no chat template; pass text and images to the processor instead")
+        if self._template is None:
+            self._template = ChatTemplate(self.chat_template, self.tokenizer.template_variables())
         return self._template
 
     # ---- prompts + images ----
