@@ -49,17 +49,20 @@ class RotaryEmbedding(nn.Module):
         self.inv_freq = self._inv_freq().to(device)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape (B, 1, T, hd) for position_ids (B, T)."""
-        freqs = position_ids[..., None].float() * self.inv_freq  # (B, T, hd/2)
-        angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        """(cos, signed sin), each (B, 1, T, hd), for position_ids (B, T); see `apply_rotary`."""
+        freqs = position_ids[:, None, :, None].float() * self.inv_freq  # (B, 1, T, hd/2)
+        cos, sin = freqs.cos(), freqs.sin()
+        return torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, H, T, hd) by the position angles, halves convention (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, H, T, hd) by the position angles, halves convention: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin).
+
+    Swapping the halves with one flip and folding the minus sign into the sine takes fewer ops per layer than
+    Llama's rotate_half, with bit-identical results.
+    """
+    swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)  # (x2, x1)
+    return x * cos + swapped * signed_sin
 
 
 class Attention(nn.Module):

@@ -47,7 +47,8 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
         try:
             return Path(snapshot_download(name, cache_dir=cache_dir, allow_patterns=ALLOW_PATTERNS))
         except Exception as e:
-            tried.append(f"download from the Hugging Face Hub: {type(e).__name__}: {e}")
+            first_line = (str(e).splitlines() or [""])[0]
+            tried.append(f"download from the Hugging Face Hub: {type(e).__name__}: {first_line}")
     raise ModelNotFoundError(
         f"model {name!r} not found. Tried: " + "; ".join(tried) + ". Pass a local folder, or a hub id that is "
         "cached or reachable (check the spelling and your network)."
