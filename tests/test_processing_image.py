@@ -174,3 +174,14 @@ def test_with_image_config_and_batch_to(tmp_path):
     assert isinstance(half, Batch) and half.pixel_values.dtype == torch.bfloat16 and half.input_ids.dtype == torch.long
     assert processor.image_token_id == processor.tokenizer.token_to_id("<image>")
     assert processor.stop_token_ids == [processor.tokenizer.token_to_id("<end_of_utterance>")]
+
+
+def test_text_only_processor_saves_only_tokenizer_files(tmp_path):
+    source = Processor.from_pretrained(pf.write_processor_folder(tmp_path / "src", "512"))
+    text_only = Processor(source.tokenizer, image_config=None, chat_template=pf.SMOLVLM_CHAT_TEMPLATE)
+    text_only.save(tmp_path / "out")
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["chat_template.jinja", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
+    reloaded = Processor.from_pretrained(tmp_path / "out")
+    assert reloaded.image_config is None and reloaded.chat_template == pf.SMOLVLM_CHAT_TEMPLATE
+    assert reloaded.tokenizer.encode("Hi <image>!") == source.tokenizer.encode("Hi <image>!")

@@ -125,15 +125,18 @@ class Processor:
             (directory / "chat_template.jinja").write_text(self.chat_template, encoding="utf-8")
             if (directory / "chat_template.json").is_file():  # a stale legacy file would take priority on load
                 _write_json(directory / "chat_template.json", {"chat_template": self.chat_template})
-        processor: dict[str, Any] = {"image_seq_len": self.image_seq_len, "processor_class": "SmolVLMProcessor"}
-        if self.image_config is not None:
-            image = {**self.image_config.to_dict(), "image_processor_type": "SmolVLMImageProcessor",
-                     "processor_class": "SmolVLMProcessor"}  # fmt: skip
-            video = {k: v for k, v in image.items() if k not in ("image_processor_type", "do_image_splitting")}
-            video.update(video_processor_type="SmolVLMVideoProcessor", do_sample_frames=False)
-            processor.update(image_processor=image, video_processor=video)
-            _write_json(directory / "preprocessor_config.json", image)
-        _write_json(directory / "processor_config.json", processor)
+        if self.image_config is None:
+            return  # text-only: the tokenizer files are the whole processor
+        image = {**self.image_config.to_dict(), "image_processor_type": "SmolVLMImageProcessor",
+                 "processor_class": "SmolVLMProcessor"}  # fmt: skip
+        video = {k: v for k, v in image.items() if k not in ("image_processor_type", "do_image_splitting")}
+        video.update(video_processor_type="SmolVLMVideoProcessor", do_sample_frames=False)
+        _write_json(directory / "preprocessor_config.json", image)
+        _write_json(
+            directory / "processor_config.json",
+            {"image_processor": image, "image_seq_len": self.image_seq_len, "processor_class": "SmolVLMProcessor",
+             "video_processor": video},
+        )  # fmt: skip
 
     # ---- special ids ----
 
