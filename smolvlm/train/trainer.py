@@ -469,6 +469,10 @@ class Trainer:
         state = self._full_state()
         if not self.dist.main:
             return
+        with torch.random.fork_rng(devices=[]):  # merging builds new layers; keep the training RNG stream intact
+            self._write_export(state, directory)
+
+    def _write_export(self, state: dict[str, torch.Tensor], directory: Path) -> None:
         model = copy.deepcopy(self.model).cpu()
         model.load_state_dict({k: v.cpu() for k, v in state.items()})
         if self.lora is not None:

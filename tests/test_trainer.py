@@ -1,0 +1,170 @@
+"""Trainer: overfitting proves the loop learns; a SIGKILLed run resumes bit-identically; stage policies, schedule,
+per-part learning rates, gradient checkpointing and the checkpoint layout."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from checkpoints import write_tiny_checkpoint
+from smolvlm.errors import ConfigError
+from smolvlm.train import synthetic
+from smolvlm.train.commands import train_config, train_main
+from smolvlm.train.data import answer_of, load_jsonl
+from smolvlm.train.trainer import Trainer, TrainConfig, lr_factor, train
+from smolvlm.weights.checkpoint import load_smolvlm, save_smolvlm
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def trainable_checkpoint(directory: Path, seed: int = 0) -> Path:
+    """A tiny checkpoint with a trainable init (unit norms, zero biases, N(0, 0.05) weights) and one 64-px view per
+    image (no splitting), so a few hundred CPU steps can fit it."""
+    directory = write_tiny_checkpoint(directory, seed=seed)
+    model = load_smolvlm(directory)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    save_smolvlm(model, directory)
+    config = json.loads((directory / "preprocessor_config.json").read_text())
+    config["do_image_splitting"] = False
+    (directory / "preprocessor_config.json").write_text(json.dumps(config))
+    return directory
+
+
+def synthetic_set(directory: Path, n: int, split: str = "train", tasks: str = "colour,count,exists") -> Path:
+    """n synthetic samples at 64 px; returns the JSONL path."""
+    return synthetic.write_dataset(directory, n, seed=0, split=split, tasks=tasks, image_size=64, progress=False)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    return trainable_checkpoint(root / "ckpt"), synthetic_set(root / "data", 32)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: more threads only contend on a shared machine
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_overfits_32_samples(setup, tmp_path):
+    model, data = setup
+    config = TrainConfig(model=str(model), data=str(data), eval_data=str(data), out=str(tmp_path / "run"),
+                         vision="frozen", connector="full", text="full", lr=3e-3, max_steps=200, batch_size=8,
+                         warmup_steps=5, eval_batch_size=32, eval_max_new_tokens=6, save_every=100, keep_last=1,
+                         progress=False, log_every=20)
+    metrics = train(config)
+    table = metrics["eval"]
+    assert table["all"]["n"] == 32 and table["all"]["score"] >= 0.95, table
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert losses[-1] < 0.1 * losses[0]
+    assert any("eval" in r for r in records) and all(r["tok_per_s"] > 0 for r in records if "loss" in r)
+    assert list((tmp_path / "run").glob("tensorboard/events.out.tfevents.*"))
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-0000100"]
+    from smolvlm.api import load
+
+    vlm = load(tmp_path / "run" / "final", device="cpu")  # the HF folder the run exports
+    first = load_jsonl(data)[0]
+    assert vlm.generate(first.messages[:1], max_new_tokens=6).strip() == answer_of(first)
+
+
+def _train_argv(model, data, out, *extra):
+    return ["train", "--model", str(model), "--data", str(data), "--out", str(out), "--max-steps", "12",
+            "--batch-size", "4", "--micro-batch-size", "2", "--lr", "2e-3", "--warmup-steps", "3", "--text", "lora",
+            "--lora-r", "4", "--lora-dropout", "0.1", "--lora-targets", "q_proj,v_proj,down_proj",
+            "--connector", "full", "--save-every", "3", "--keep-last", "2", "--no-progress", "--no-tensorboard",
+            *extra]
+
+
+def _run(argv, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "smolvlm.train.commands", *argv], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_sigkill_then_resume_is_bit_identical(setup, tmp_path):
+    model, data = setup
+    whole = _run(_train_argv(model, data, tmp_path / "whole"))
+    killed = _run(_train_argv(model, data, tmp_path / "killed"))
+    target = tmp_path / "killed" / "checkpoints" / "step-0000006"
+    deadline = time.monotonic() + 240
+    while not target.exists() and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    killed.send_signal(signal.SIGKILL)
+    killed.communicate()
+    assert killed.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (tmp_path / "killed" / "final").exists()
+    resumed = _run(_train_argv(model, data, tmp_path / "killed", "--resume"))
+    out, err = resumed.communicate(timeout=240)
+    assert resumed.returncode == 0, err
+    assert "resumed from" in err and json.loads(out.splitlines()[-1])["step"] == 12
+    _, err = whole.communicate(timeout=240)
+    assert whole.returncode == 0, err
+    for name in ("model.safetensors", "adapter_model.safetensors"):
+        assert (tmp_path / "whole" / "final" / name).read_bytes() == (tmp_path / "killed" / "final" / name).read_bytes()
+    checkpoints = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir())
+    assert checkpoints == ["step-0000006", "step-0000009"]  # keep_last 2, no temp dirs left behind
+    state = json.loads((tmp_path / "killed" / "checkpoints" / "step-0000009" / "trainer_state.json").read_text())
+    assert state["step"] == 9
+
+
+def test_stage_policy_and_per_part_learning_rates(setup, tmp_path):
+    model, data = setup
+    stage = tmp_path / "stage.json"
+    stage.write_text(json.dumps({"vision": "lora", "connector": "full", "text": "frozen", "lr": 1e-3,
+                                 "vision_lr": 1e-4, "max_steps": 1, "batch_size": 2}))
+    config = train_config(["--config", str(stage), "--model", str(model), "--data", str(data), "--out",
+                           str(tmp_path / "o"), "--connector-lr", "5e-3", "--no-progress"])
+    trainer = Trainer(config)
+    trainable = {n for n, _ in trainer.trainable}
+    assert trainable and all((".lora_" in n and n.startswith("vision_model.")) or n.startswith("connector.")
+                             for n in trainable)
+    assert any(n.startswith("vision_model.") for n in trainable)
+    lrs = {g["name"].split(".")[0]: g["base_lr"] for g in trainer.optimizer.param_groups}
+    assert lrs == {"vision": 1e-4, "connector": 5e-3}
+    frozen = {n: p.clone() for n, p in trainer.model.named_parameters() if n.startswith("text_model.")}
+    trainer.train()
+    assert all(torch.equal(p, frozen[n]) for n, p in trainer.model.named_parameters() if n in frozen)
+    with pytest.raises(ConfigError, match="every part is frozen"):
+        TrainConfig(model="m", data="d", vision="frozen", connector="frozen", text="frozen").check()
+    with pytest.raises(ConfigError, match="not a multiple"):
+        Trainer(TrainConfig(model=str(model), data=str(data), batch_size=3, micro_batch_size=2))
+
+
+def test_gradient_checkpointing_gives_the_same_step(setup, tmp_path):
+    model, data = setup
+    params = []
+    for checkpointing in (False, True):
+        trainer = Trainer(TrainConfig(model=str(model), data=str(data), out=str(tmp_path / str(checkpointing)),
+                                      vision="full", max_steps=1, batch_size=2, gradient_checkpointing=checkpointing))
+        metrics = trainer.train_step(0)
+        params.append((metrics["loss"], [p.detach().clone() for _, p in trainer.trainable]))
+    assert params[0][0] == pytest.approx(params[1][0], rel=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(params[0][1], params[1][1]))
+
+
+def test_schedule_and_cli_errors(setup, capsys):
+    assert lr_factor(0, 4, 100, 0.1) == 0.25 and lr_factor(3, 4, 100, 0.1) == 1.0
+    assert lr_factor(100, 4, 100, 0.1) == pytest.approx(0.1) and 0.1 < lr_factor(50, 4, 100, 0.1) < 1.0
+    model, _ = setup
+    assert train_main(["--model", str(model), "--data", "/nonexistent.jsonl"]) == 2
+    assert "/nonexistent.jsonl not found" in capsys.readouterr().err
