@@ -16,15 +16,7 @@ from smolvlm.train.data import Collator, load_jsonl
 from smolvlm.train.distill import distill_loss_sum, kl_sum, mean_kl
 from smolvlm.train.trainer import Trainer, TrainConfig
 from smolvlm.weights.checkpoint import load_smolvlm
-from test_trainer import synthetic_set, trainable_checkpoint
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from test_trainer import one_thread, synthetic_set, trainable_checkpoint  # noqa: F401 - autouse fixture
 
 
 def test_kl_terms():
