@@ -1,4 +1,4 @@
-"""torchrun --nproc_per_node 2 (DDP, gloo on CPU) follows the loss curve of one process with the same global batch."""
+"""torchrun --nproc_per_node 2 (DDP or FSDP2, gloo on CPU) follows the loss curve of one process with the same global batch."""
 
 from __future__ import annotations
 
@@ -32,15 +32,17 @@ def test_torchrun_two_processes_match_one(tmp_path):
     single = subprocess.run([sys.executable, "-m", "smolvlm.train.commands", *_argv(model, data, tmp_path / "one", 2)],
                             env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "smolvlm.train.commands", *_argv(model, data, tmp_path / "two", 1)],
-                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
-    assert len(one) == len(two) == 4  # rank 0 alone writes the log
-    assert two == pytest.approx(one, rel=1e-5, abs=1e-6)
-    assert one[-1] < one[0]
-    a = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
-    b = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
-    # Adam's normalised update can turn a rounding-level gradient difference into a visible (still ≪ lr) one.
-    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=2e-4) for k in a)
+    one = _losses(tmp_path / "one")
+    assert len(one) == 4 and one[-1] < one[0]
+    reference = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
+    for name, extra in (("ddp", []), ("fsdp", ["--fsdp"])):
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              "-m", "smolvlm.train.commands", *_argv(model, data, tmp_path / name, 1), *extra],
+                             env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert len(run.stdout.strip().splitlines()) == 1  # rank 0 alone reports ...
+        assert _losses(tmp_path / name) == pytest.approx(one, rel=1e-5, abs=1e-6), name  # ... and logs
+        weights = load_file(str(tmp_path / name / "final" / "model.safetensors"))
+        # Adam's normalised update can turn a rounding-level gradient difference into a visible (still << lr) one.
+        assert weights.keys() == reference.keys()
+        assert all(torch.allclose(weights[k], reference[k], atol=2e-4) for k in reference), name

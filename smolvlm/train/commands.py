@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -78,8 +79,8 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         from smolvlm.train.trainer import train
 
         metrics = train(train_config(argv))
-        summary = {k: v for k, v in metrics.items() if k in ("step", "loss", "eval", "skipped")}
-        print(json.dumps(summary))
+        if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
+            print(json.dumps({k: v for k, v in metrics.items() if k in ("step", "loss", "eval", "skipped")}))
         return 0
 
     return _guarded(run)

@@ -18,7 +18,6 @@ step (the data position and LR follow from it) and RNG states — the continued 
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import json
 import logging
@@ -40,6 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 
 from smolvlm.errors import ConfigError, DataError
+from smolvlm.model import SmolVLM
 from smolvlm.processing import Processor
 from smolvlm.train.data import BadData, Collator, Sample, TrainBatch, load_samples
 from smolvlm.train.distill import check_same_tokenizer, distill_loss_sum, shifted
@@ -221,7 +221,6 @@ class Trainer:
         self.lora = apply_policy(self.model, config)
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
-        self.trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.teacher = self._teacher()
         self.bad = BadData(config.strict)
         self.collator = Collator(self.processor, config.max_length, self.bad)
@@ -232,9 +231,11 @@ class Trainer:
             raise DataError(f"{config.data}: no usable training samples")
         self.eval_samples = self._eval_samples()
         self.micro, self.accum = self._batch_shape()
+        self.wrapped = self._wrap()
+        # After wrapping: FSDP replaces the parameters by sharded ones, and the optimizer must hold those.
+        self.trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.optimizer = self._optimizer()
         self.step = 0
-        self.wrapped = self._wrap()
         if config.resume:
             self.resume()
         self.log_file = None
@@ -285,14 +286,20 @@ class Trainer:
         fused = self.device.type == "cuda"
         return torch.optim.AdamW(param_groups, betas=(self.config.beta1, self.config.beta2), fused=fused)
 
+    @property
+    def sharded(self) -> bool:
+        """True when FSDP shards the parameters over the processes."""
+        return self.config.fsdp and self.dist.world > 1
+
     def _wrap(self) -> torch.nn.Module:
         if self.dist.world == 1:
             return self.model
-        if self.config.fsdp:
-            from torch.distributed.fsdp import FullyShardedDataParallel
+        if self.config.fsdp:  # FSDP2: each vision/text layer is one shard unit, the rest goes with the root
+            from torch.distributed.fsdp import fully_shard
 
-            return FullyShardedDataParallel(self.model, use_orig_params=True,
-                                            device_id=self.device if self.device.type == "cuda" else None)
+            for layer in [*self.model.vision_model.encoder.layers, *self.model.text_model.layers]:
+                fully_shard(layer)
+            return fully_shard(self.model)
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -322,6 +329,15 @@ class Trainer:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def _gradient_sync(self, enabled: bool) -> contextlib.AbstractContextManager:
+        """Skip the gradient all-reduce on all but the last micro-batch of an accumulation group."""
+        if self.dist.world == 1 or enabled:
+            return contextlib.nullcontext()
+        if self.sharded:
+            self.wrapped.set_requires_gradient_sync(False)
+            return contextlib.nullcontext()
+        return self.wrapped.no_sync()
+
     def _all_sum(self, value: torch.Tensor) -> torch.Tensor:
         if self.dist.world > 1:
             dist.all_reduce(value)
@@ -342,8 +358,9 @@ class Trainer:
         self.model.train()
         for a, batch in enumerate(batches):
             last = a == len(batches) - 1
-            sync = contextlib.nullcontext() if last or self.dist.world == 1 else self.wrapped.no_sync()
-            with sync:
+            if self.sharded and last:
+                self.wrapped.set_requires_gradient_sync(True)
+            with self._gradient_sync(last):
                 with self._autocast():
                     logits = self.wrapped(**batch.model_inputs()).logits  # (B, T, V)
                     if self.teacher is not None:
@@ -359,6 +376,8 @@ class Trainer:
                 (loss * self.dist.world / n_labels).backward()
             sums += torch.stack([loss.detach(), ce.detach(), kl.detach()])
         grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in self.trainable], config.grad_clip or float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+            grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         sums = self._all_sum(sums) / n_labels
@@ -455,26 +474,27 @@ class Trainer:
 
     # ---- checkpoints ----
 
-    def _full_state(self) -> dict[str, torch.Tensor]:
-        if self.config.fsdp and self.dist.world > 1:
-            from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel, StateDictType
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """The whole model state dict on the CPU (gathered from the shards under FSDP; a collective call)."""
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-            with FullyShardedDataParallel.state_dict_type(self.wrapped, StateDictType.FULL_STATE_DICT,
-                                                          FullStateDictConfig(offload_to_cpu=True, rank0_only=True)):
-                return self.wrapped.state_dict()
-        return self.model.state_dict()
+            return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
 
-    def export(self, directory: Path) -> None:
-        """Write a loadable HF folder (LoRA merged, processor files) [+ the PEFT adapter]; rank 0 only."""
-        state = self._full_state()
+    def export(self, directory: Path, state: dict[str, torch.Tensor] | None = None) -> None:
+        """Write a loadable HF folder (LoRA merged, processor files) [+ the PEFT adapter]; rank 0 writes."""
+        state = self.full_state() if state is None else state
         if not self.dist.main:
             return
-        with torch.random.fork_rng(devices=[]):  # merging builds new layers; keep the training RNG stream intact
+        with torch.random.fork_rng(devices=[]):  # building layers draws random inits; keep the training RNG intact
             self._write_export(state, directory)
 
     def _write_export(self, state: dict[str, torch.Tensor], directory: Path) -> None:
-        model = copy.deepcopy(self.model).cpu()
-        model.load_state_dict({k: v.cpu() for k, v in state.items()})
+        model = SmolVLM(self.model.config)
+        if self.lora is not None:
+            apply_policy(model, self.config)
+        model.load_state_dict(state)
         if self.lora is not None:
             save_adapter(model, self.lora, directory, base_model=self.config.model)
             merge_lora(model)
@@ -498,15 +518,18 @@ class Trainer:
         if self.dist.main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        self.export(tmp)
+        model_state = self.full_state()
+        self.export(tmp, model_state)
         if self.dist.main:
-            save_file({n: p.detach().cpu().contiguous() for n, p in self.trainable}, str(tmp / STATE_FILES[0]))
+            save_file({n: model_state[n].contiguous() for n, _ in self.trainable}, str(tmp / STATE_FILES[0]))
             optim = self.optimizer.state_dict()
-            tensors = {f"{i}.{k}": v.cpu().contiguous() for i, s in optim["state"].items() for k, v in s.items()}
-            save_file(tensors, str(tmp / STATE_FILES[1]))
+            if not self.sharded:  # sharded moments are not gathered: an FSDP checkpoint restarts the optimizer
+                tensors = {f"{i}.{k}": v.cpu().contiguous() for i, s in optim["state"].items() for k, v in s.items()}
+                save_file(tensors, str(tmp / STATE_FILES[1]))
             groups = [{k: v for k, v in g.items()} for g in optim["param_groups"]]
             state = {"step": self.step, "rng": rngs, "param_groups": groups, "skipped": self.bad.counts,
-                     "config": dataclasses.asdict(self.config), "world": self.dist.world}
+                     "config": dataclasses.asdict(self.config), "world": self.dist.world,
+                     "optimizer": not self.sharded}
             (tmp / STATE_FILES[2]).write_text(json.dumps(state), encoding="utf-8")
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
@@ -528,6 +551,9 @@ class Trainer:
             log.info("no checkpoint under %s; starting from step 0", self.out)
             return
         state = json.loads((path / STATE_FILES[2]).read_text(encoding="utf-8"))
+        if self.sharded or not state.get("optimizer", True):
+            raise ConfigError(f"{path}: exact resume is not supported for FSDP runs yet (optimizer moments are "
+                              "sharded); resume with DDP (drop --fsdp) from a DDP checkpoint, or start anew")
         if state["world"] != self.dist.world:
             log.warning("resuming a %d-process run on %d processes: RNG streams are not continued exactly",
                         state["world"], self.dist.world)
