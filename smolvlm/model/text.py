@@ -155,7 +155,9 @@ def position_ids_from_mask(attention_mask: torch.Tensor, num_new: int) -> torch.
     return positions[:, -num_new:]  # (B, T)
 
 
-def causal_padding_mask(attention_mask: torch.Tensor | None, past: int, num_new: int) -> torch.Tensor | None:
+def causal_padding_mask(
+    attention_mask: torch.Tensor | None, past: int, num_new: int, device: torch.device
+) -> torch.Tensor | None:
     """Boolean attention mask (B, 1, T, S) for T new queries after `past` cached tokens; None when plain causal.
 
     Every query may always see itself, so rows of padding tokens never become fully masked (that would give NaN
@@ -166,7 +168,6 @@ def causal_padding_mask(attention_mask: torch.Tensor | None, past: int, num_new:
     if attention_mask is None and (past == 0 or num_new == 1):
         return None  # SDPA's is_causal (prefill) or no mask at all (single-token decode)
     total = past + num_new
-    device = attention_mask.device if attention_mask is not None else None
     query_pos = torch.arange(past, total, device=device)[:, None]  # (T, 1)
     key_pos = torch.arange(total, device=device)[None, :]  # (1, S)
     mask = (key_pos <= query_pos)[None, None]  # (1, 1, T, S)
@@ -208,7 +209,7 @@ class TextDecoder(nn.Module):
             else:
                 position_ids = position_ids_from_mask(attention_mask, T)
         rope = self.rotary(position_ids, inputs_embeds.dtype)
-        mask = causal_padding_mask(attention_mask, past, T)
+        mask = causal_padding_mask(attention_mask, past, T, inputs_embeds.device)
         x = inputs_embeds
         for layer in self.layers:
             x = layer(x, rope, mask, cache)
