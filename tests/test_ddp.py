@@ -1,4 +1,4 @@
-"""torchrun --nproc_per_node 2 (DDP or FSDP2, gloo on CPU) follows the loss curve of one process with the same global batch."""
+"""torchrun --nproc_per_node 2 (DDP or FSDP2, gloo on CPU) matches one process with the same global batch."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from checkpoints import write_tiny_checkpoint
-from smolvlm.errors import ConfigError
+from smolvlm.errors import ConfigError, DataError
 from smolvlm.train import synthetic
 from smolvlm.train.commands import train_config, train_main
 from smolvlm.train.data import answer_of, load_jsonl
@@ -69,7 +69,8 @@ def test_overfits_32_samples(setup, tmp_path):
     model, data = setup
     config = TrainConfig(model=str(model), data=str(data), eval_data=str(data), out=str(tmp_path / "run"),
                          vision="frozen", connector="full", text="full", lr=3e-3, max_steps=200, batch_size=8,
-                         warmup_steps=5, eval_batch_size=32, eval_max_new_tokens=6, save_every=100, keep_last=1,
+                         warmup_steps=5, eval_every=100, eval_batch_size=32, eval_max_new_tokens=6, save_every=100,
+                         keep_last=1,
                          progress=False, log_every=20)
     metrics = train(config)
     table = metrics["eval"]
@@ -77,7 +78,7 @@ def test_overfits_32_samples(setup, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses[-1] < 0.1 * losses[0]
-    assert any("eval" in r for r in records) and all(r["tok_per_s"] > 0 for r in records if "loss" in r)
+    assert [r["step"] for r in records if "eval" in r] == [100, 200] and all(r["tok_per_s"] > 0 for r in records if "loss" in r)
     assert list((tmp_path / "run").glob("tensorboard/events.out.tfevents.*"))
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-0000100"]
     from smolvlm.api import load
@@ -168,3 +169,21 @@ def test_schedule_and_cli_errors(setup, capsys):
     model, _ = setup
     assert train_main(["--model", str(model), "--data", "/nonexistent.jsonl"]) == 2
     assert "/nonexistent.jsonl not found" in capsys.readouterr().err
+
+
+def test_bad_samples_are_skipped_during_training(setup, tmp_path, caplog):
+    model, data = setup
+    lines = data.read_text().splitlines()[:3]
+    long = {"messages": [{"role": "user", "content": "word " * 300}, {"role": "assistant", "content": "ok"}]}
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("\n".join([lines[0], "{oops", json.dumps(long), *lines[1:]]) + "\n")
+    (tmp_path / "images").symlink_to(data.parent / "images")  # image paths are relative to the data file
+    config = TrainConfig(model=str(model), data=str(mixed), out=str(tmp_path / "run"), max_length=200, max_steps=4,
+                         batch_size=2, micro_batch_size=1, progress=False, tensorboard=False)
+    with caplog.at_level("WARNING", logger="smolvlm.train"):
+        metrics = train(config)  # micro-batches made only of the too-long sample are skipped, not fatal
+    assert metrics["step"] == 4 and metrics["skipped"] == 3  # the bad line once, the long sample in both epochs
+    assert f"{mixed}:2: malformed JSON" in caplog.text and f"{mixed}:3: " in caplog.text
+    config.strict = True
+    with pytest.raises(DataError, match=r"mixed\.jsonl:2: malformed JSON"):
+        Trainer(config)

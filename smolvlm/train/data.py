@@ -102,7 +102,7 @@ class BadData:
 
 # ----------------------------------------------------------------------------------------------- sources
 
-def _resolve_images(messages: list[dict[str, Any]], base: Path, where: str) -> list[dict[str, Any]]:
+def _resolve_images(messages: list[dict[str, Any]], base: Path) -> list[dict[str, Any]]:
     """Image paths relative to the data file become absolute; a missing file raises DataError."""
     for message in messages:
         content = message.get("content")
@@ -137,7 +137,7 @@ def record_to_sample(record: Any, base: Path, where: str) -> Sample:
     """A parsed JSONL record ({"messages": [...], "id"?, "task"?}) → Sample; raises DataError when unusable."""
     if not isinstance(record, dict) or "messages" not in record:
         raise DataError("expected a JSON object with a 'messages' list")
-    messages = _resolve_images(_check_messages(record["messages"]), base, where)
+    messages = _resolve_images(_check_messages(record["messages"]), base)
     return Sample(messages, where, str(record.get("id", where)), str(record.get("task", "default")))
 
 
@@ -326,30 +326,28 @@ class Collator:
                 mask[b, :t, :h, :w] = e.pixel_attention_mask
         return TrainBatch(input_ids, attention, labels, pixels, mask)
 
-    def __call__(self, samples: Iterable[Sample]) -> TrainBatch:
-        """Encode and collate, skipping (or, strict, raising on) samples that cannot be encoded."""
+    def encode_many(self, samples: Iterable[Sample]) -> tuple[list[Encoded], list[str]]:
+        """Encode samples, skipping (or, strict, raising on) those that cannot be: (encoded, "where: why" skips)."""
         encoded, skipped = [], []
         for sample in samples:
             try:
                 encoded.append(self.encode(sample))
             except DataError as e:
-                kind = "too_long" if "exceed the context" in str(e) else "unencodable"
-                self.bad.report(sample.where, str(e), kind)
+                self.bad.report(sample.where, str(e), "too_long" if "exceed the context" in str(e) else "unencodable")
                 skipped.append(f"{sample.where}: {e}")
+        return encoded, skipped
+
+    def __call__(self, samples: Iterable[Sample]) -> TrainBatch:
+        """Encode and collate; bad samples are dropped from the batch and listed in `skipped`."""
+        encoded, skipped = self.encode_many(samples)
         batch = self.collate(encoded)
         batch.skipped = skipped
         return batch
 
     def scan(self, samples: Sequence[Sample]) -> list[Sample]:
         """Encode every sample once up front; return the usable ones (strict: raise on the first bad one)."""
-        kept = []
-        for sample in samples:
-            try:
-                self.encode(sample)
-                kept.append(sample)
-            except DataError as e:
-                self.bad.report(sample.where, str(e), "too_long" if "exceed the context" in str(e) else "unencodable")
-        return kept
+        bad = {where.split(": ", 1)[0] for where in self.encode_many(samples)[1]}
+        return [s for s in samples if s.where not in bad]
 
 
 def answer_of(sample: Sample) -> str:

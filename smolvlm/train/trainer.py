@@ -26,7 +26,8 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -240,6 +241,8 @@ class Trainer:
             self.resume()
         self.log_file = None
         self.tb = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="smolvlm-data")
+        self._next: dict[int, Future] = {}
 
     # ---- setup ----
 
@@ -302,7 +305,8 @@ class Trainer:
             return fully_shard(self.model)
         from torch.nn.parallel import DistributedDataParallel
 
-        return DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(self.model, device_ids=device_ids)
 
     # ---- data ----
 
@@ -313,13 +317,24 @@ class Trainer:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed * 100003 + epoch))
         return int(order[offset])
 
-    def micro_batches(self, step: int) -> list[TrainBatch]:
-        """This process's micro-batches of global step `step` (rank r takes slice r of every group)."""
+    def micro_batches(self, step: int) -> list[TrainBatch | None]:
+        """This process's micro-batches of global step `step` (rank r takes slice r of every group); None where
+        every sample of a micro-batch was skipped as bad."""
         base = step * self.config.batch_size
         batches = []
         for a in range(self.accum):
             start = base + (a * self.dist.world + self.dist.rank) * self.micro
-            batches.append(self.collator([self.samples[self.sample_index(k)] for k in range(start, start + self.micro)]))
+            samples = [self.samples[self.sample_index(k)] for k in range(start, start + self.micro)]
+            encoded, _ = self.collator.encode_many(samples)
+            batches.append(self.collator.collate(encoded) if encoded else None)
+        return batches
+
+    def _prefetched(self, step: int) -> list[TrainBatch | None]:
+        """Micro-batches of `step`, encoded in a background thread one step ahead (Pillow releases the GIL)."""
+        future = self._next.pop(step, None)
+        batches = future.result() if future is not None else self.micro_batches(step)
+        if step + 1 < self.config.max_steps:
+            self._next[step + 1] = self._pool.submit(self.micro_batches, step + 1)
         return batches
 
     # ---- one step ----
@@ -349,7 +364,7 @@ class Trainer:
         factor = lr_factor(step, config.warmup_steps, config.max_steps, config.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
-        batches = [b.to(self.device) for b in self.micro_batches(step)]
+        batches = [b.to(self.device) for b in self._prefetched(step) if b is not None]
         counts = torch.tensor([float((b.labels[:, 1:] != -100).sum()) for b in batches] +
                               [float(b.attention_mask.sum()) for b in batches], device=self.device)
         counts = self._all_sum(counts)
@@ -391,9 +406,17 @@ class Trainer:
 
     def train(self) -> dict[str, Any]:
         """Run from the current step to max_steps; returns the last metrics (and eval table, when evaluated)."""
-        config = self.config
         if self.dist.main:
             self._open_logs()
+        try:
+            metrics = self._loop()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._close_logs()
+        return metrics
+
+    def _loop(self) -> dict[str, Any]:
+        config = self.config
         bar = None
         if self.dist.main and config.progress:
             from tqdm import tqdm
@@ -422,7 +445,6 @@ class Trainer:
         self.export(self.out / "final")
         if self.bad.total and self.dist.main:
             log.warning("skipped %d bad samples: %s", self.bad.total, self.bad.counts)
-        self._close_logs()
         return metrics
 
     def run_eval(self) -> dict[str, dict[str, float]] | None:
@@ -469,8 +491,10 @@ class Trainer:
     def _close_logs(self) -> None:
         if self.log_file is not None:
             self.log_file.close()
+            self.log_file = None
         if self.tb is not None:
             self.tb.close()
+            self.tb = None
 
     # ---- checkpoints ----
 
