@@ -177,6 +177,11 @@ def test_text_only_llama_round_trip(tmp_path):
         # LlamaModel-style keys (no `model.` prefix) beside lm_head.weight.
         folder = copy_folder(tmp_path / "hf", tmp_path / "bare", rename=lambda k: k.removeprefix("model."))
         assert (CausalLM.from_pretrained(folder)(ids) - expected).abs().max().item() <= TOL
+    # Fields absent from a llama config.json take LlamaConfig's defaults (rms_norm_eps 1e-6), not SmolVLM's.
+    data = json.loads((folder / "config.json").read_text())
+    del data["rms_norm_eps"]
+    (folder / "config.json").write_text(json.dumps(data))
+    assert CausalLM.from_pretrained(folder).config.rms_norm_eps == 1e-6
 
 
 # ---- errors: each names the file and the tensor ----

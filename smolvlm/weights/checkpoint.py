@@ -226,7 +226,8 @@ def load_causal_lm(
             f"{directory / 'config.json'}: model_type {data['model_type']!r} is a vision-language model; "
             "load it with SmolVLM.from_pretrained"
         )
-    config = _config_or_error(text_config_from_hf_dict, data, directory)
+    # A stand-alone LlamaConfig defaults rms_norm_eps to 1e-6 (TextConfig's 1e-5 is what SmolVLM sets for its decoder).
+    config = _config_or_error(text_config_from_hf_dict, {"rms_norm_eps": 1e-6, **data}, directory)
     with torch.device("meta"):
         model = CausalLM(config)
     tie = ("lm_head.weight", "model.embed_tokens.weight") if config.tie_word_embeddings else None
