@@ -48,7 +48,9 @@ def test_adapter_loads_with_peft_and_matches_our_logits(tiny, tmp_path):
     model, config, names = _lora_model(tiny, [r"text_model.*(q_proj|v_proj|down_proj)$", r"vision_model.*fc1$",
                                               r"modality_projection\.proj$"])
     assert any(n.startswith("vision_model") for n in names) and "connector.modality_projection.proj" in names
-    save_adapter(model, config, tmp_path / "adapter", base_model=str(tiny))
+    with torch.no_grad():  # and a part trained in full beside the adapters (PEFT's modules_to_save)
+        model.lm_head.weight.add_(0.1 * torch.randn_like(model.lm_head.weight))
+    save_adapter(model, config, tmp_path / "adapter", base_model=str(tiny), full_modules=["lm_head"])
     batch = _inputs(tiny)
     with torch.no_grad():
         ours = model(**vars(batch)).logits
@@ -65,7 +67,9 @@ def test_adapter_loads_with_peft_and_matches_our_logits(tiny, tmp_path):
 
 def test_merge_roundtrip_and_cli(tiny, tmp_path):
     model, config, _ = _lora_model(tiny, [r"text_model.*(q_proj|o_proj|gate_proj)$"])
-    save_adapter(model, config, tmp_path / "adapter")
+    with torch.no_grad():
+        model.connector.modality_projection.proj.weight.mul_(1.5)
+    save_adapter(model, config, tmp_path / "adapter", full_modules=["connector"])
     batch = _inputs(tiny)
     with torch.no_grad():
         ours = model(**vars(batch)).logits

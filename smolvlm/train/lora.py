@@ -14,7 +14,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -122,8 +122,13 @@ def peft_key(module_name: str, which: str) -> str:
     return f"{PEFT_PREFIX}{hub_module}.{which}.weight"
 
 
-def save_adapter(model: nn.Module, config: LoRAConfig, directory: str | Path, base_model: str = "") -> Path:
-    """Write adapter_config.json + adapter_model.safetensors (PEFT format); returns the folder."""
+def save_adapter(model: nn.Module, config: LoRAConfig, directory: str | Path, base_model: str = "",
+                 full_modules: Sequence[str] = ()) -> Path:
+    """Write adapter_config.json + adapter_model.safetensors (PEFT format); returns the folder.
+
+    `full_modules` (e.g. ["connector"]) are trained in full beside the adapters: their weights go into the file
+    as PEFT `modules_to_save`, so the adapter alone reproduces the fine-tuned model.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     modules = lora_modules(model)
@@ -133,12 +138,16 @@ def save_adapter(model: nn.Module, config: LoRAConfig, directory: str | Path, ba
     for name, m in modules.items():
         tensors[peft_key(name, "lora_A")] = m.lora_A.weight.detach().cpu().contiguous()
         tensors[peft_key(name, "lora_B")] = m.lora_B.weight.detach().cpu().contiguous()
+    for name, tensor in model.state_dict().items():
+        if name.startswith(tuple(f"{m}." for m in full_modules)):
+            tensors[PEFT_PREFIX + vlm_hub_key(name)] = tensor.detach().cpu().contiguous()
     save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     peft_config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model, "r": config.r,
         "lora_alpha": config.alpha, "lora_dropout": config.dropout, "bias": "none", "fan_in_fan_out": False,
         "target_modules": sorted(vlm_hub_key(f"{n}.weight").removesuffix(".weight") for n in modules),
-        "modules_to_save": None, "inference_mode": True, "init_lora_weights": True, "use_rslora": False,
+        "modules_to_save": [vlm_hub_key(f"{m}.weight").removesuffix(".weight") for m in full_modules] or None,
+        "inference_mode": True, "init_lora_weights": True, "use_rslora": False,
         "use_dora": False, "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
         "alpha_pattern": {},
     }  # fmt: skip
@@ -157,12 +166,21 @@ def load_adapter(model: nn.Module, directory: str | Path) -> LoRAConfig:
         raise CheckpointError(f"{config_path}: only plain LoRA adapters are supported (peft_type LORA, no DoRA/rsLoRA)")
     tensors = load_file(str(weights_path))
     modules: dict[str, dict[str, torch.Tensor]] = {}
+    full: dict[str, torch.Tensor] = {}  # modules_to_save weights, by our parameter name
     for key, tensor in tensors.items():
         stem, which = key.removeprefix(PEFT_PREFIX).rsplit(".", 2)[0], key.rsplit(".", 2)[1]
-        name = vlm_key(f"{stem}.weight")
-        if name is None or which not in ("lora_A", "lora_B"):
+        if which in ("lora_A", "lora_B") and vlm_key(f"{stem}.weight") is not None:
+            modules.setdefault(vlm_key(f"{stem}.weight").removesuffix(".weight"), {})[which] = tensor
+        elif vlm_key(key.removeprefix(PEFT_PREFIX)) is not None:
+            full[vlm_key(key.removeprefix(PEFT_PREFIX))] = tensor
+        else:
             raise CheckpointError(f"{weights_path}: unexpected adapter key {key!r}")
-        modules.setdefault(name.removesuffix(".weight"), {})[which] = tensor
+    state = model.state_dict()
+    for name, tensor in full.items():
+        if name not in state or state[name].shape != tensor.shape:
+            raise CheckpointError(f"{weights_path}: {name!r} does not fit this model")
+        with torch.no_grad():
+            state[name].copy_(tensor)
     config = LoRAConfig(r=int(data["r"]), alpha=float(data["lora_alpha"]), dropout=float(data.get("lora_dropout", 0)))
     for name, pair in modules.items():
         try:

@@ -520,7 +520,9 @@ class Trainer:
             apply_policy(model, self.config)
         model.load_state_dict(state)
         if self.lora is not None:
-            save_adapter(model, self.lora, directory, base_model=self.config.model)
+            full = [prefix.rstrip(".") for part, prefixes in PARTS.items() if getattr(self.config, part) == "full"
+                    for prefix in prefixes]
+            save_adapter(model, self.lora, directory, base_model=self.config.model, full_modules=full)
             merge_lora(model)
         save_smolvlm(model, directory)
         self.processor.save(directory)
