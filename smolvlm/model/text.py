@@ -11,7 +11,7 @@ from torch import nn
 
 from smolvlm.config import TextConfig
 from smolvlm.engine.kv_cache import KVCache
-from smolvlm.errors import ConfigError
+from smolvlm.errors import ConfigError, GenerationError
 
 
 class RMSNorm(nn.Module):
@@ -25,7 +25,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise the last dimension of x."""
         if x.dtype == torch.float32:
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused op on the hot path
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # same math, fewer dispatches
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
@@ -199,9 +199,9 @@ class TextDecoder(nn.Module):
         B, T, _ = inputs_embeds.shape
         past = cache.length if cache is not None else 0
         if attention_mask is not None and attention_mask.shape != (B, past + T):
-            raise ValueError(
+            raise GenerationError(
                 f"attention_mask has shape {tuple(attention_mask.shape)}, expected (batch, cached + new) = "
-                f"({B}, {past + T})"
+                f"({B}, {past + T}): it covers every cached token plus this step's, so append a column per step"
             )
         if position_ids is None:
             if attention_mask is None:
