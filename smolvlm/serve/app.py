@@ -272,6 +272,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--feature-cache-tiles", type=int, default=defaults.feature_cache_tiles)
     p.add_argument("--allow-image-host", action="append", default=[], metavar="HOST",
                    help="fetch http(s) image URLs from this host (repeatable; *.domain or * for any public host)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--log-level", default="info")
     return p.parse_args(argv)
 
@@ -303,6 +304,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = settings_from_args(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         vlm = load(args.model, device=args.device, dtype=args.dtype)
     except SmolVLMError as e:
