@@ -135,7 +135,8 @@ def test_cauldron_dataset_from_disk_and_parquet(tmp_path, processor):
     for source in (tmp_path / "saved", tmp_path / "part.parquet"):
         samples = load_samples(source)
         assert len(samples) == 2 and samples[1].task == "toy"
-        assert [m["role"] for m in samples[1].messages] == ["user", "assistant", "user", "assistant"]
+        assert samples[1].messages is None  # images are decoded per batch, not at load
+        assert [m["role"] for m in samples[1].conversation()] == ["user", "assistant", "user", "assistant"]
         batch = Collator(processor)(samples)
         learned = processor.decode(batch.labels[1][batch.labels[1] != IGNORE_INDEX], False)
         assert learned == " green<end_of_utterance> yes<end_of_utterance>"

@@ -49,9 +49,10 @@ class EvalReport:
 
 def prompt_of(sample: Sample) -> list[dict[str, Any]]:
     """The conversation without its final (reference) assistant turn."""
-    if sample.messages[-1].get("role") != "assistant":
+    messages = sample.conversation()
+    if messages[-1].get("role") != "assistant":
         raise DataError(f"{sample.where}: the last message must be the reference assistant answer")
-    return sample.messages[:-1]
+    return messages[:-1]
 
 
 def evaluate(vlm: Any, samples: Sequence[Sample], batch_size: int = 8, max_new_tokens: int = 64,

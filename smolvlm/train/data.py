@@ -20,7 +20,8 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from functools import partial
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -34,12 +35,21 @@ IGNORE_INDEX = -100
 
 @dataclass
 class Sample:
-    """One conversation with image sources resolved; `where` is "file:line" (or "dataset[index]") for messages."""
+    """One conversation with image sources resolved; `where` is "file:line" (or "dataset[index]") for messages.
 
-    messages: list[dict[str, Any]]
+    Dataset rows keep `messages` None and a `fetch` that builds them on demand, so images are decoded per batch
+    rather than all held in memory.
+    """
+
+    messages: list[dict[str, Any]] | None
     where: str
     id: str = ""
     task: str = "default"
+    fetch: Callable[[], list[dict[str, Any]]] | None = None
+
+    def conversation(self) -> list[dict[str, Any]]:
+        """The messages, fetched (images decoded) now if the sample is lazy."""
+        return self.messages if self.messages is not None else self.fetch()
 
 
 @dataclass
@@ -199,15 +209,21 @@ def load_hf_dataset(path: str | Path, split: str = "train", bad: BadData | None 
         if column not in data.column_names:
             raise DataError(f"{path}: column {column!r} missing; The Cauldron layout has 'images' and 'texts'")
     samples = []
-    for index, row in enumerate(data):
+    for index, texts in enumerate(data["texts"]):  # the text column only: images stay undecoded until fetched
         where = f"{path}[{index}]"
         try:
-            messages = _check_messages(cauldron_messages(row["images"] or [], row["texts"] or []))
+            _check_messages(cauldron_messages([], texts or []))
         except (DataError, KeyError, TypeError) as e:
             bad.report(where, f"unusable row ({e})", "invalid")
             continue
-        samples.append(Sample(messages, where, str(index), str((row["texts"] or [{}])[0].get("source", "default"))))
+        task = str((texts or [{}])[0].get("source") or "default")
+        samples.append(Sample(None, where, str(index), task, fetch=partial(_cauldron_row, data, index)))
     return samples
+
+
+def _cauldron_row(data: Any, index: int) -> list[dict[str, Any]]:
+    row = data[index]
+    return normalize_messages(cauldron_messages(row["images"] or [], row["texts"]))
 
 
 def load_samples(path: str | Path, bad: BadData | None = None, split: str = "train") -> list[Sample]:
@@ -254,14 +270,15 @@ class Collator:
     def encode(self, sample: Sample) -> Encoded:
         """One sample → ids, assistant-only labels and its tiles; DataError when it cannot be used."""
         try:
-            batch = self.processor.encode_chat([sample.messages])
+            messages = sample.conversation()
+            batch = self.processor.encode_chat([messages])
         except SmolVLMError as e:
             raise DataError(str(e)) from e
         ids = batch.input_ids[0]  # (T,) one sample: no padding
         if self.max_length is not None and len(ids) > self.max_length:
             raise DataError(f"{len(ids)} tokens exceed the context of {self.max_length}; shorten it or raise "
                             "--max-length")
-        labels = self.labels(sample.messages, ids)
+        labels = self.labels(messages, ids)
         pixels = None if batch.pixel_values is None else batch.pixel_values[0]
         mask = None if batch.pixel_attention_mask is None else batch.pixel_attention_mask[0]
         return Encoded(ids, labels, pixels, mask, sample.where)
@@ -352,7 +369,8 @@ class Collator:
 
 def answer_of(sample: Sample) -> str:
     """The text of the last assistant turn (the reference answer in eval sets)."""
-    content = sample.messages[-1].get("content") if sample.messages[-1].get("role") == "assistant" else None
+    last = sample.conversation()[-1]
+    content = last.get("content") if last.get("role") == "assistant" else None
     if content is None:
         raise DataError(f"{sample.where}: the last message is not an assistant answer")
     if isinstance(content, str):
