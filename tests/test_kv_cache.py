@@ -81,7 +81,7 @@ def test_decode_without_mask_and_logits_to_keep(lm):
         last = lm(ids[:, :7], cache=cache, logits_to_keep=1)
         assert last.shape == (1, 1, lm.config.vocab_size)
         steps = [lm(ids[:, 7:9], cache=cache), lm(ids[:, 9:10], cache=cache)]  # a chunk, then one token
-        with pytest.raises(GenerationError, match=r"attention_mask has shape \(1, 1\), expected .* \(1, 10\)"):
+        with pytest.raises(GenerationError, match=r"attention_mask has shape \(1, 1\), expected .* \(1, 11\)"):
             lm(ids[:, :1], attention_mask=torch.ones(1, 1, dtype=torch.long), cache=cache)
     assert (last[0, 0] - full[0, 6]).abs().max().item() <= 1e-4
     assert (torch.cat(steps, 1) - full[:, 7:]).abs().max().item() <= 1e-4
