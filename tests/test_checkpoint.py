@@ -228,7 +228,8 @@ def test_wrong_shape(hf_folder, tmp_path):
     key = "model.text_model.layers.1.mlp.up_proj.weight"
     state[key] = state[key][:-1]
     folder = copy_folder(hf_folder, tmp_path, tensors=state)
-    with pytest.raises(CheckpointError, match=rf"model\.safetensors: tensor '{key}' has shape \[191, 96\].*\[192, 96\]"):
+    expected = rf"model\.safetensors: tensor '{key}' has shape \[191, 96\].*\[192, 96\]"
+    with pytest.raises(CheckpointError, match=expected):
         SmolVLM.from_pretrained(folder)
 
 

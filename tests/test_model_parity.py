@@ -1,4 +1,4 @@
-"""Parity with transformers on random weights (fp32, max abs logits diff <= 1e-4) for tiny models in each preset family."""
+"""Parity with transformers on random weights (fp32, max abs logits diff <= 1e-4), tiny models of each preset family."""
 
 from __future__ import annotations
 

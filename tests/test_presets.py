@@ -19,7 +19,6 @@ def test_preset_parameter_count(name):
     print(f"{name}: {count:,} parameters")
     assert abs(count - PUBLISHED[name]) / PUBLISHED[name] < 0.002
     assert all(p.is_meta for p in model.parameters())
-    hidden = config.text.hidden_size
-    tokens = config.tokens_per_tile
-    assert model.connector.modality_projection["proj"].weight.shape == (hidden, config.vision.hidden_size * config.scale_factor**2)
-    assert tokens == {"SmolVLM-Instruct": 81}.get(name, 64)
+    projection = model.connector.modality_projection["proj"].weight
+    assert projection.shape == (config.text.hidden_size, config.vision.hidden_size * config.scale_factor**2)
+    assert config.tokens_per_tile == {"SmolVLM-Instruct": 81}.get(name, 64)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -151,7 +151,9 @@ def load_weights(
                             "have; the checkpoint and its config.json do not belong together"
                         )
                     if key in loaded:
-                        raise CheckpointError(f"{path}: tensor {hub_key!r} duplicates one already read from {source[key]}")
+                        raise CheckpointError(
+                            f"{path}: tensor {hub_key!r} duplicates one already read from {source[key]}"
+                        )
                     shape = tuple(handle.get_slice(hub_key).get_shape())
                     if shape != expected[key]:
                         raise CheckpointError(
@@ -162,10 +164,10 @@ def load_weights(
                     if tensor.is_floating_point():
                         tensor = tensor.to(dtype)
                     loaded[key], source[key] = tensor.to(device), path
-        except CheckpointError:
-            raise
-        except Exception as e:  # safetensors raises its own error types for truncated / corrupt files
-            raise CheckpointError(f"{path}: cannot read safetensors file ({e}); it is truncated or corrupt, re-download it") from e
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(
+                f"{path}: cannot read safetensors file ({e}); it is truncated or corrupt, re-download it"
+            ) from e
 
     untied = False
     if tie_key is not None:
