@@ -247,11 +247,13 @@ class Trainer:
     # ---- setup ----
 
     def _device(self) -> torch.device:
-        if self.config.device == "auto":
-            if torch.cuda.is_available():
-                return torch.device("cuda", self.dist.local_rank)
-            return torch.device("cpu")
-        return torch.device(self.config.device)
+        name = self.config.device
+        if name == "auto":
+            name = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch.device(name)
+        if device.type == "cuda" and device.index is None:  # one GPU per process under torchrun
+            device = torch.device("cuda", self.dist.local_rank)
+        return device
 
     def _teacher(self) -> torch.nn.Module | None:
         if not self.config.teacher:
