@@ -68,8 +68,8 @@ def one_thread():
 def test_overfits_32_samples(setup, tmp_path):
     model, data = setup
     config = TrainConfig(model=str(model), data=str(data), eval_data=str(data), out=str(tmp_path / "run"),
-                         vision="frozen", connector="full", text="full", lr=3e-3, max_steps=200, batch_size=8,
-                         warmup_steps=5, eval_every=100, eval_batch_size=32, eval_max_new_tokens=6, save_every=100,
+                         vision="frozen", connector="full", text="full", lr=3e-3, max_steps=240, batch_size=8,
+                         warmup_steps=5, eval_every=120, eval_batch_size=32, eval_max_new_tokens=6, save_every=100,
                          keep_last=1,
                          progress=False, log_every=20)
     metrics = train(config)
@@ -78,9 +78,10 @@ def test_overfits_32_samples(setup, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses[-1] < 0.1 * losses[0]
-    assert [r["step"] for r in records if "eval" in r] == [100, 200] and all(r["tok_per_s"] > 0 for r in records if "loss" in r)
+    assert [r["step"] for r in records if "eval" in r] == [120, 240]
+    assert all(r["tok_per_s"] > 0 for r in records if "loss" in r)
     assert list((tmp_path / "run").glob("tensorboard/events.out.tfevents.*"))
-    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-0000100"]
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-0000200"]  # keep_last=1
     from smolvlm.api import load
 
     vlm = load(tmp_path / "run" / "final", device="cpu")  # the HF folder the run exports
