@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import queue
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ from PIL import Image
 from checkpoints import write_tiny_checkpoint
 from smolvlm.api import load
 from smolvlm.engine.kv_cache import KVCache
+from smolvlm.processing import Batch
 from smolvlm.engine.scheduler import (
     CancelledError,
     FeatureCache,
@@ -50,15 +53,32 @@ CONVERSATIONS = [
 ]
 
 
+def run_joining_mid_flight(scheduler: Scheduler, batches: list, configs: list) -> list:
+    """Submit the first prompt; the others are submitted from its first update, so they join a running batch."""
+    first_updates: queue.Queue = queue.Queue()
+    others: list = []
+
+    def on_first_update(update) -> None:  # runs on the worker thread, between two steps
+        if not others:
+            others.extend(scheduler.submit(b.input_ids, b.attention_mask, c, b.pixel_values, b.pixel_attention_mask)
+                          for b, c in zip(batches[1:], configs[1:]))  # fmt: skip
+        first_updates.put(update)
+
+    b = batches[0]
+    scheduler.submit(b.input_ids, b.attention_mask, configs[0], b.pixel_values, b.pixel_attention_mask,
+                     sink=on_first_update)  # fmt: skip
+    while (update := first_updates.get(timeout=60)).result is None:
+        assert update.error is None, update.error
+    return [update.result] + [h.result(60) for h in others]
+
+
 def test_greedy_equals_generate_including_mid_flight_admission(vlm):
     expected = [vlm.generate(c, max_new_tokens=20, return_result=True) for c in CONVERSATIONS]
+    assert expected[0].completion_tokens > 1  # the first request is still running when the others arrive
+    batches = [vlm.prepare([c]) for c in CONVERSATIONS]
     with Scheduler(vlm.engine, max_batch_size=8) as scheduler:
-        first = _submit(scheduler, vlm, CONVERSATIONS[0], max_new_tokens=20)
-        updates = first.updates(timeout=60)
-        next(updates)  # the first request is decoding: the others join a running batch
-        others = [_submit(scheduler, vlm, c, max_new_tokens=20) for c in CONVERSATIONS[1:]]
-        results = [next(u.result for u in updates if u.result is not None)] + [h.result(60) for h in others]
-        assert scheduler.max_running >= 2
+        results = run_joining_mid_flight(scheduler, batches, [vlm.config_for({"max_new_tokens": 20})] * 4)
+        assert scheduler.max_running == 4
     for got, want in zip(results, expected):
         assert got.token_ids == want.token_ids
         assert got.text == want.text
@@ -122,22 +142,53 @@ def test_merge_left_pads_the_shorter_side_and_trim_drops_dead_columns():
 
 def test_cancel_timeout_and_full_queue(vlm):
     scheduler = Scheduler(vlm.engine, max_queue=2)
-    long = _submit(scheduler, vlm, CONVERSATIONS[0], max_new_tokens=500)
-    batch = vlm.prepare([CONVERSATIONS[1]])
-    timed = scheduler.submit(batch.input_ids, batch.attention_mask, vlm.config_for({}), timeout=0.0)
+    batch = vlm.prepare([CONVERSATIONS[0]])
+    long_updates: queue.Queue = queue.Queue()
+
+    def cancel_at_first_update(update) -> None:  # on the worker thread: the cancel lands between two steps
+        long.cancel()
+        long_updates.put(update)
+
+    long = scheduler.submit(batch.input_ids, batch.attention_mask, vlm.config_for({"max_new_tokens": 500}),
+                            batch.pixel_values, batch.pixel_attention_mask, sink=cancel_at_first_update)  # fmt: skip
+    short = vlm.prepare([CONVERSATIONS[1]])
+    timed = scheduler.submit(short.input_ids, short.attention_mask, vlm.config_for({}), timeout=0.0)
     with pytest.raises(QueueFullError):
-        scheduler.submit(batch.input_ids, batch.attention_mask, vlm.config_for({}))
+        scheduler.submit(short.input_ids, short.attention_mask, vlm.config_for({}))
     with scheduler:
         with pytest.raises(RequestTimeoutError):
             timed.result(60)
-        updates = long.updates(timeout=60)
-        next(updates)
-        long.cancel()
-        with pytest.raises(CancelledError):
-            for update in updates:
-                if update.error is not None:
-                    raise update.error
+        updates = [long_updates.get(timeout=60)]
+        while not updates[-1].final:
+            updates.append(long_updates.get(timeout=60))
+        assert isinstance(updates[-1].error, CancelledError) and len(updates) <= 3
         # the slot is free: a new request is served alone
         after = _submit(scheduler, vlm, CONVERSATIONS[1], max_new_tokens=4).result(60)
         assert after.text == vlm.generate(CONVERSATIONS[1], max_new_tokens=4)
         assert scheduler.stats()["running"] == 0
+
+
+def test_text_only_causal_lm_rows_joining_mid_flight():
+    from smolvlm.config import TextConfig
+    from smolvlm.engine.generate import Engine, GenerationConfig
+    from smolvlm.model.text import CausalLM
+
+    config = TextConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256)  # fmt: skip
+    torch.manual_seed(0)
+    model = CausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.5)
+    engine = Engine(model, lambda ids: "".join(f"<{i}>" for i in ids), [96])
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 96, (n,), generator=gen) for n in (3, 17, 8)]
+    configs = [GenerationConfig(max_new_tokens=n) for n in (30, 12, 20)]
+    expected = [engine.generate(p[None], torch.ones(1, len(p), dtype=torch.long), [c])[0] for p, c in zip(prompts, configs)]
+    assert expected[0].completion_tokens > 1
+    batches = [Batch(p[None], torch.ones(1, len(p), dtype=torch.long)) for p in prompts]
+    with Scheduler(engine) as scheduler:
+        results = run_joining_mid_flight(scheduler, batches, configs)
+        assert scheduler.max_running == 3
+    assert [r.token_ids for r in results] == [e.token_ids for e in expected]
+    assert [r.text for r in results] == [e.text for e in expected]

@@ -262,3 +262,61 @@ def test_request_timeout_is_504(vlm):
     with serving(app) as base:
         response = _post(base, {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5})
     assert response.status_code == 504 and response.json()["error"]["code"] == "timeout"
+
+
+def test_non_streamed_disconnect_cancels(vlm):
+    app = create_app(vlm, ServerSettings(model_name=MODEL, max_tokens=1500))
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "go on and on"}], "max_tokens": 1500}
+    with serving(app) as base:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(base + "/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=0.5))
+        deadline = time.time() + 5  # well before 1500 tokens could be decoded
+        while app.state.scheduler.stats()["running"] or app.state.scheduler.stats()["waiting"]:
+            assert time.time() < deadline, "the abandoned request is still generating"
+            time.sleep(0.05)
+        assert app.state.scheduler.steps < 1500
+
+
+def test_http_image_fetch_pins_checks_redirects_and_caps(monkeypatch):
+    """Fetching from a loopback HTTP server, with the public-address check stubbed to let loopback through."""
+    import http.server
+
+    import smolvlm.serve.images as images
+
+    png = io.BytesIO()
+    random_image(9).save(png, format="PNG")
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the stdlib's name
+            if self.path == "/moved":
+                self.send_response(302)
+                self.send_header("Location", "/cat.png")
+                self.end_headers()
+                return
+            payload = png.getvalue() * (100 if self.path == "/big.png" else 1)
+            self.send_response(200 if self.path in ("/cat.png", "/big.png") else 404)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://localhost:{server.server_address[1]}"
+    policy = ImagePolicy(allow_http=True, allowed_hosts=("localhost",), max_bytes=len(png.getvalue()) * 10)
+    try:
+        with pytest.raises(ImageError, match="loopback"):
+            images.fetch_image(base + "/cat.png", policy)
+        monkeypatch.setattr(images, "is_public", lambda address: address.is_loopback)
+        assert images.fetch_image(base + "/cat.png", policy) == png.getvalue()
+        assert images.fetch_image(base + "/moved", policy) == png.getvalue()
+        with pytest.raises(ImageError, match="limit"):
+            images.fetch_image(base + "/big.png", policy)
+        with pytest.raises(ImageError, match="HTTP 404"):
+            images.fetch_image(base + "/missing", policy)
+        with pytest.raises(ImageError, match="allow-list"):
+            images.fetch_image(f"http://127.0.0.1:{server.server_address[1]}/cat.png", policy)
+    finally:
+        server.shutdown()

@@ -35,9 +35,9 @@ def test_upload_paste_ask_and_stream(tmp_path):
     question = "What is in this picture?"
     expected = vlm.generate([{"role": "user", "content": [{"type": "image", "image": image},
                                                           {"type": "image", "image": pasted},
-                                                          {"type": "text", "text": question}]}], max_new_tokens=24)  # fmt: skip
+                                                          {"type": "text", "text": question}]}], max_new_tokens=64)  # fmt: skip
     assert len(expected) > 2
-    with serving(create_app(vlm, ServerSettings(model_name="tiny-web", default_max_tokens=24))) as url, \
+    with serving(create_app(vlm, ServerSettings(model_name="tiny-web", default_max_tokens=64))) as url, \
             sync_playwright() as pw:  # fmt: skip
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
         try:
@@ -45,7 +45,7 @@ def test_upload_paste_ask_and_stream(tmp_path):
             page.goto(url + "/")
             page.wait_for_function("document.getElementById('model-name').textContent === 'tiny-web'")
             assert "vision-language" in page.text_content("#model-meta")
-            assert page.input_value("#max-tokens") == "24"
+            assert page.input_value("#max-tokens") == "64"
             page.set_input_files("#file", files=[{"name": "a.png", "mimeType": "image/png", "buffer": _png(image)}])
             page.wait_for_selector("#attachments img")
             page.evaluate(
@@ -59,12 +59,14 @@ def test_upload_paste_ask_and_stream(tmp_path):
                 base64.b64encode(_png(pasted)).decode(),
             )
             page.wait_for_function("document.querySelectorAll('#attachments img').length === 2")
-            # count how often the answer's text changes while it streams
+            # record the answer's text each time the page changes it while it streams
             page.evaluate(
                 """() => {
-                    window.textUpdates = 0;
-                    new MutationObserver(() => { window.textUpdates++; }).observe(
-                        document.getElementById("messages"), { subtree: true, childList: true, characterData: true });
+                    window.seen = [];
+                    new MutationObserver(() => {
+                        const text = document.querySelector(".message.assistant .text");
+                        if (text) window.seen.push(text.textContent);
+                    }).observe(document.getElementById("messages"), { subtree: true, childList: true });
                 }"""
             )
             page.fill("#prompt", question)
@@ -72,7 +74,8 @@ def test_upload_paste_ask_and_stream(tmp_path):
             page.wait_for_selector(".message.assistant.done", timeout=60_000)
             answer = page.text_content(".message.assistant .text")
             assert answer == expected
-            assert page.evaluate("window.textUpdates") > 3  # pieces arrived one by one, not in one block
+            partial = [t for t in page.evaluate("window.seen") if 0 < len(t) < len(answer)]
+            assert partial and all(answer.startswith(t) for t in partial)  # shown piece by piece, not in one block
             assert len(page.query_selector_all(".message.user img")) == 2
             assert "completion tokens" in page.text_content(".message.assistant .usage")
             assert not page.query_selector(".message.error")

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import logging
+import time
 from contextlib import asynccontextmanager
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
@@ -32,6 +33,7 @@ from smolvlm.serve.images import ImagePolicy, resolve_image_urls
 
 STATIC = Path(__file__).parent / "static"
 log = logging.getLogger("smolvlm.serve")
+DISCONNECT_POLL_SECONDS = 0.25
 
 
 @dataclass
@@ -208,13 +210,18 @@ async def _read_json(request: Request, limit: int) -> Any:
 
 async def _wait_for_result(request: Request, handle: Handle, updates: asyncio.Queue[Update]) -> Any:
     """The final result (or error) of a non-streamed request; None (and the request cancelled) if the client left."""
+    checked = time.monotonic()
     while True:
         try:
-            update = await asyncio.wait_for(updates.get(), timeout=0.5)
+            update = await asyncio.wait_for(updates.get(), timeout=DISCONNECT_POLL_SECONDS)
         except asyncio.TimeoutError:
+            update = None
+        if time.monotonic() - checked >= DISCONNECT_POLL_SECONDS:  # pieces arrive often: poll by the clock
+            checked = time.monotonic()
             if await request.is_disconnected():
                 handle.cancel()
                 return None
+        if update is None:
             continue
         if update.error is not None:
             return update.error
