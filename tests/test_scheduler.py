@@ -12,6 +12,7 @@ from PIL import Image
 from checkpoints import write_tiny_checkpoint
 from smolvlm.api import load
 from smolvlm.engine.kv_cache import KVCache
+from smolvlm.errors import PromptError
 from smolvlm.processing import Batch
 from smolvlm.engine.scheduler import (
     CancelledError,
@@ -192,3 +193,27 @@ def test_text_only_causal_lm_rows_joining_mid_flight():
         assert scheduler.max_running == 3
     assert [r.token_ids for r in results] == [e.token_ids for e in expected]
     assert [r.text for r in results] == [e.text for e in expected]
+
+
+def test_a_failing_prefill_fails_only_its_request(vlm):
+    good = vlm.prepare([CONVERSATIONS[1]])
+    bad = vlm.prepare([_conversation("mismatched", _image(4))])
+    bad.pixel_values = torch.cat([bad.pixel_values, bad.pixel_values], dim=1)  # twice the tiles the prompt holds
+    bad.pixel_attention_mask = torch.cat([bad.pixel_attention_mask, bad.pixel_attention_mask], dim=1)
+    handles = []
+
+    def submit_bad(update) -> None:
+        if not handles:
+            handles.append(scheduler.submit(bad.input_ids, bad.attention_mask, vlm.config_for({}), bad.pixel_values,
+                                            bad.pixel_attention_mask))  # fmt: skip
+        good_updates.put(update)
+
+    good_updates: queue.Queue = queue.Queue()
+    with Scheduler(vlm.engine) as scheduler:
+        scheduler.submit(good.input_ids, good.attention_mask, vlm.config_for({"max_new_tokens": 12}),
+                         sink=submit_bad)  # fmt: skip
+        while (update := good_updates.get(timeout=60)).result is None:
+            assert update.error is None
+        with pytest.raises(PromptError, match="image tokens"):
+            handles[0].result(60)
+    assert update.result.text == vlm.generate(CONVERSATIONS[1], max_new_tokens=12)

@@ -162,6 +162,7 @@ def _image_request(image_url: str) -> dict:
 
 BAD_REQUESTS = [
     ("malformed json", b'{"model": "tiny", "messages": [', "application/json", 400, "invalid_json"),
+    ("deeply nested json", b"[" * 100_000 + b"]" * 100_000, "application/json", 400, "invalid_json"),
     ("wrong content type", b"model=tiny", "application/x-www-form-urlencoded", 415, "unsupported_media_type"),
     ("text data url", _image_request("data:text/plain;base64," + base64.b64encode(b"hello").decode()),
      "application/json", 400, "invalid_image"),

@@ -299,16 +299,18 @@ class Scheduler:
                 if self._stop:
                     return
                 admitted = self._take_waiting()
+            # a failing step fails its own requests, never the worker: a bad prefill leaves the running batch alone
             try:
-                self._drop_finished_or_expired()
                 if admitted:
                     self._admit(admitted)
+            except Exception as e:  # noqa: BLE001
+                _fail(admitted, e)
+            try:
+                self._drop_finished_or_expired()
                 if self._running:
                     self._decode_step()
-            except Exception as e:  # noqa: BLE001 - a failing step must fail its requests, never the worker
-                for request in admitted + self._running:
-                    if not request.handle.done.is_set():
-                        request.handle.deliver(Update(error=e))
+            except Exception as e:  # noqa: BLE001
+                _fail(self._running, e)
                 self._running = []
                 self._cache = self._mask = None
 
@@ -458,6 +460,12 @@ def _regrow(cache: KVCache, mask: torch.Tensor, extra: int) -> KVCache:
     empty.keys = [k[:0] for k in cache.keys]
     empty.values = [v[:0] for v in cache.values]
     return merge_rows(cache, mask, empty, mask.new_zeros(0, 0), extra)[0]
+
+
+def _fail(requests: list[_Request], error: Exception) -> None:
+    for request in requests:
+        if not request.handle.done.is_set():
+            request.handle.deliver(Update(error=error))
 
 
 def _expired(request: _Request) -> bool:

@@ -204,7 +204,7 @@ async def _read_json(request: Request, limit: int) -> Any:
             raise APIError(413, f"request body is above the limit of {limit} bytes", code="request_too_large")
     try:
         return json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
         raise APIError(400, f"request body is not valid JSON ({e})", code="invalid_json") from None
 
 
