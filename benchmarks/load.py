@@ -70,7 +70,9 @@ def start_server(model: Path, name: str, max_batch_size: int, threads: int | Non
     port = free_port()
     command = [sys.executable, "-m", "smolvlm.serve", "-m", str(model), "--served-model-name", name, "--host",
                "127.0.0.1", "--port", str(port), "--max-batch-size", str(max_batch_size), "--max-queue", "256",
-               "--device", "cpu", "--log-level", "warning"] + (["--threads", str(threads)] if threads else [])  # fmt: skip
+               "--device", "cpu", "--log-level", "warning"]  # fmt: skip
+    if threads:
+        command += ["--threads", str(threads)]
     process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
@@ -90,8 +92,9 @@ def start_server(model: Path, name: str, max_batch_size: int, threads: int | Non
 def request_body(model: str, index: int, max_tokens: int) -> dict:
     """The index-th request of the load: a short prompt asking for a long answer, greedy."""
     topic = TOPICS[index % len(TOPICS)]
+    prompt = f"Write a long story about {topic}, request {index}."
     return {"model": model, "max_tokens": max_tokens, "temperature": 0,
-            "messages": [{"role": "user", "content": f"Write a long story about {topic}, request {index}."}]}  # fmt: skip
+            "messages": [{"role": "user", "content": prompt}]}  # fmt: skip
 
 
 async def run_phase(url: str, model: str, clients: int, seconds: float, max_requests: int, max_tokens: int) -> dict:
@@ -176,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             process.wait(timeout=30)
     results = {
         "load": f"decode-heavy: ~20-token text prompt, greedy answers of up to {args.max_tokens} tokens",
-        "model": "SmolVLM-256M shape, random weights" if args.url is None and args.model is None else str(args.model or url),
+        "model": str(args.model or args.url or "SmolVLM-256M shape, random weights"),
         "device": "cpu",
         "cpu_count": os.cpu_count(),
         "server_torch_threads": args.threads or "torch default",

@@ -24,7 +24,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -113,7 +113,6 @@ class _Request:
     row: _Row | None = None
     next_token: int = 0
     prefill_seconds: float = 0.0
-    submitted: float = field(default_factory=time.perf_counter)
 
 
 class FeatureCache:

@@ -79,7 +79,8 @@ class ChatCompletionRequest(BaseModel):
 
     def options(self, default_max_tokens: int) -> dict[str, Any]:
         """Generation options for GenerationConfig."""
-        options: dict[str, Any] = {"max_new_tokens": self.max_completion_tokens or self.max_tokens or default_max_tokens}
+        max_new_tokens = self.max_completion_tokens or self.max_tokens or default_max_tokens
+        options: dict[str, Any] = {"max_new_tokens": max_new_tokens}
         if self.temperature is not None:
             options["temperature"] = self.temperature
         if self.top_p is not None:
