@@ -74,8 +74,8 @@ class GenerationResult:
 
 
 @dataclass
-class _Row:
-    """Decoding state of one sequence of the batch."""
+class RowState:
+    """Decoding state of one sequence: sampling, detokenizer, stop strings, tokens so far."""
 
     config: GenerationConfig
     params: SamplingParams
@@ -88,6 +88,18 @@ class _Row:
     pieces: list[str] = field(default_factory=list)
     finish_reason: str | None = None
     decode_seconds: float = 0.0
+
+    def result(self, prefill_seconds: float) -> GenerationResult:
+        """The finished row as a GenerationResult."""
+        return GenerationResult(
+            text="".join(self.pieces),
+            finish_reason=self.finish_reason or "length",
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=len(self.tokens),
+            prefill_seconds=prefill_seconds,
+            decode_seconds=self.decode_seconds,
+            token_ids=self.tokens,
+        )
 
 
 @dataclass
@@ -148,7 +160,7 @@ class Engine:
                 f"prompt of {T} tokens + max_new_tokens {max_new} exceeds the model's context of {limit} tokens; "
                 "shorten the prompt, use fewer or smaller images, or lower max_new_tokens"
             )
-        rows = [self._new_row(c, input_ids[i][attention_mask[i].bool()].cpu()) for i, c in enumerate(configs)]
+        rows = [self.new_row(c, input_ids[i][attention_mask[i].bool()].cpu()) for i, c in enumerate(configs)]
         vision = {}
         if pixel_values is not None:
             vision = {"pixel_values": pixel_values.to(device, self.dtype)}
@@ -174,7 +186,7 @@ class Engine:
                 ).tolist()
                 keep = []
                 for slot, (r, token) in enumerate(zip(active, next_tokens)):
-                    piece = self._advance_row(rows[r], token)
+                    piece = self.advance_row(rows[r], token)
                     if piece or rows[r].finish_reason:
                         yield StreamPiece(r, piece, rows[r].finish_reason)
                     if rows[r].finish_reason is None:
@@ -192,18 +204,7 @@ class Engine:
                     rows[r].decode_seconds += elapsed
         if results is not None:
             results.clear()
-            results.extend(
-                GenerationResult(
-                    text="".join(row.pieces),
-                    finish_reason=row.finish_reason or "length",
-                    prompt_tokens=row.prompt_tokens,
-                    completion_tokens=len(row.tokens),
-                    prefill_seconds=prefill_seconds,
-                    decode_seconds=row.decode_seconds,
-                    token_ids=row.tokens,
-                )
-                for row in rows
-            )
+            results.extend(row.result(prefill_seconds) for row in rows)
 
     def generate(
         self,
@@ -219,9 +220,10 @@ class Engine:
             pass
         return results
 
-    def _new_row(self, config: GenerationConfig, prompt_ids: torch.Tensor) -> _Row:
+    def new_row(self, config: GenerationConfig, prompt_ids: torch.Tensor) -> RowState:
+        """Fresh decoding state for one sequence whose prompt (without padding) is `prompt_ids`."""
         params = config.sampling()
-        return _Row(
+        return RowState(
             config=config,
             params=params,
             generator=params.make_generator(),
@@ -231,7 +233,7 @@ class Engine:
             prompt_tokens=int(prompt_ids.numel()),
         )
 
-    def _advance_row(self, row: _Row, token: int) -> str:
+    def advance_row(self, row: RowState, token: int) -> str:
         """Take one sampled token into a row; return the text it makes safe to emit."""
         if token in self.eos_token_ids:
             row.finish_reason = "stop"
@@ -250,7 +252,7 @@ class Engine:
         return piece
 
     @staticmethod
-    def _drain(row: _Row) -> str:
+    def _drain(row: RowState) -> str:
         """Release what the detokenizer and stop matcher still hold at the end of a row."""
         tail = row.stops.feed(row.detokenizer.flush())
         return tail if row.stops.stopped else tail + row.stops.flush()

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from smolvlm.engine.generate import Engine, GenerationConfig, GenerationResult, _Row
+from smolvlm.engine.generate import Engine, GenerationConfig, GenerationResult, RowState
 from smolvlm.engine.kv_cache import KVCache
 from smolvlm.engine.sampling import sample_next
 from smolvlm.errors import GenerationError
@@ -110,7 +110,7 @@ class _Request:
     config: GenerationConfig
     handle: Handle
     deadline: float | None
-    row: _Row | None = None
+    row: RowState | None = None
     next_token: int = 0
     prefill_seconds: float = 0.0
 
@@ -392,7 +392,7 @@ class Scheduler:
             n = r.prompt_ids.numel()
             ids[i, length - n :] = r.prompt_ids
             mask[i, length - n :] = 1
-            r.row = self.engine._new_row(r.config, r.prompt_ids)
+            r.row = self.engine.new_row(r.config, r.prompt_ids)
         ids, mask = ids.to(device), mask.to(device)
         cache = KVCache.for_config(self.engine.text_config, len(requests), length, self.engine.dtype, device)
         logits = self._forward(ids, mask, cache, self._image_features(requests))  # (B_new, V)
@@ -441,7 +441,7 @@ class Scheduler:
         ).tolist()  # fmt: skip
         keep = []
         for slot, (request, token) in enumerate(zip(requests, next_tokens)):
-            piece = self.engine._advance_row(request.row, token)
+            piece = self.engine.advance_row(request.row, token)
             if request.row.finish_reason is None:
                 request.next_token = token
                 keep.append(slot)
@@ -449,7 +449,7 @@ class Scheduler:
                     request.handle.deliver(Update(text=piece))
                 continue
             request.handle.deliver(Update(text=piece, finish_reason=request.row.finish_reason))
-            request.handle.deliver(Update(result=_result(request)))
+            request.handle.deliver(Update(result=request.row.result(request.prefill_seconds)))
         return keep
 
 
@@ -475,16 +475,3 @@ def _stop_reason(request: _Request) -> GenerationError:
     if request.handle.cancelled.is_set():
         return CancelledError("the request was cancelled")
     return RequestTimeoutError("the request ran past its time limit and was stopped; lower max_tokens or retry")
-
-
-def _result(request: _Request) -> GenerationResult:
-    row = request.row
-    return GenerationResult(
-        text="".join(row.pieces),
-        finish_reason=row.finish_reason or "length",
-        prompt_tokens=row.prompt_tokens,
-        completion_tokens=len(row.tokens),
-        prefill_seconds=request.prefill_seconds,
-        decode_seconds=row.decode_seconds,
-        token_ids=row.tokens,
-    )
