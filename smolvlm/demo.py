@@ -218,9 +218,13 @@ def demo_checkpoint(cache: str | Path | None = None) -> Path:
 # ----------------------------------------------------------------------------------------------- export (recipe)
 
 
-def export_assets(run_final: str | Path, assets: str | Path = ASSETS) -> Path:
-    """Copy a training run's trained tensors (vision, connector: fp16) and LoRA adapter into the assets folder."""
+def export_assets(run_final: str | Path, assets: str | Path = ASSETS, adapter_run: str | Path | None = None) -> Path:
+    """Copy a run's trained tensors (vision, connector: fp16) and a LoRA adapter into the assets folder.
+
+    `adapter_run` is the folder holding the adapter when an earlier stage trained it (default: `run_final`).
+    """
     run_final, assets = Path(run_final), Path(assets)
+    adapter_dir = Path(adapter_run) if adapter_run is not None else run_final
     weights = run_final / "model.safetensors"
     if not weights.is_file():
         raise CheckpointError(f"{run_final}: no model.safetensors; pass the run's final/ (or a checkpoint) folder")
@@ -229,11 +233,13 @@ def export_assets(run_final: str | Path, assets: str | Path = ASSETS) -> Path:
                if k.startswith(("model.vision_model.", "model.connector."))}
     assets.mkdir(parents=True, exist_ok=True)
     save_file(trained, str(assets / TRAINED_WEIGHTS), metadata={"format": "pt"})
-    if (run_final / ADAPTER_WEIGHTS).is_file():
-        adapter = {k: v.half().contiguous() for k, v in load_file(str(run_final / ADAPTER_WEIGHTS)).items()}
+    if (adapter_dir / ADAPTER_WEIGHTS).is_file():
+        # Only the low-rank pairs: fully trained parts saved beside them (modules_to_save) are in TRAINED_WEIGHTS.
+        adapter = {k: v.half().contiguous() for k, v in load_file(str(adapter_dir / ADAPTER_WEIGHTS)).items()
+                   if ".lora_" in k}
         save_file(adapter, str(assets / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        config = json.loads((run_final / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-        config["base_model_name_or_path"] = "smolvlm-demo-base"
+        config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+        config.update(base_model_name_or_path="smolvlm-demo-base", modules_to_save=None)
         (assets / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return assets
 
@@ -253,46 +259,72 @@ def hardware() -> dict[str, Any]:
             "torch": torch.__version__, "python": platform.python_version()}
 
 
+# The issue's goals: exact match per task (IoU >= 0.5 for grounding); charts count only "which bar is largest".
+GOALS = {"colour": 0.98, "exists": 0.95, "count": 0.90, "spatial": 0.85, "ocr": 0.85, "grounding": 0.80,
+         "chart-largest": 0.90}
+
+
+def goal_scores(report: dict[str, Any], eval_jsonl: str | Path) -> dict[str, dict[str, Any]]:
+    """Score of each goal from an eval report (`smolvlm eval --out`) and its eval set: {goal: {n, score, goal, met}}."""
+    kinds = {}
+    with Path(eval_jsonl).open(encoding="utf-8") as f:
+        for line in f:
+            record = json.loads(line)
+            question = record.get("meta", {}).get("question")
+            kinds[record["id"]] = f"{record['task']}-{question}" if record["task"] == "chart" else record["task"]
+    out = {}
+    for goal, target in GOALS.items():
+        hits = [p["score"] for p in report["predictions"] if kinds.get(p["id"]) == goal]
+        score = sum(hits) / len(hits) if hits else 0.0
+        out[goal] = {"n": len(hits), "score": round(score, 4), "goal": target, "met": bool(hits) and score >= target}
+    return out
+
+
 def write_manifest(assets: str | Path, recipe: dict[str, Any], seed: int, wall_time_s: float,
-                   scores: dict[str, Any] | None) -> Path:
-    """manifest.json: recipe, seed, hardware, wall time, eval scores and the shipped files' sizes."""
+                   scores: dict[str, Any] | None, goals: dict[str, Any] | None = None) -> Path:
+    """manifest.json: recipe, seed, hardware, wall time, eval scores (and goals) and the shipped files' sizes."""
     assets = Path(assets)
     files = {p.name: p.stat().st_size for p in sorted(assets.iterdir()) if p.is_file() and p.name != MANIFEST}
     manifest = {"recipe": recipe, "seed": seed, "hardware": hardware(), "wall_time_s": round(wall_time_s, 1),
-                "scores": scores, "files": files, "format_version": FORMAT_VERSION}
+                "scores": scores, "goals": goals, "files": files, "format_version": FORMAT_VERSION}
     path = assets / MANIFEST
     path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m smolvlm.demo {base,export,path}`: the recipe's steps and the assembled folder's path."""
+    """`python -m smolvlm.demo {base,export,manifest,path}`: the recipe's steps and the assembled folder's path."""
     parser = argparse.ArgumentParser(prog="python -m smolvlm.demo")
     sub = parser.add_subparsers(dest="command", required=True)
     base = sub.add_parser("base", help="write the untrained base folder")
     base.add_argument("--out", required=True)
     base.add_argument("--seed", type=int, default=0)
-    export = sub.add_parser("export", help="write the shipped assets from a training run")
+    export = sub.add_parser("export", help="write the shipped trained tensors from a training run")
     export.add_argument("--run", required=True, help="the run's final/ folder (or a checkpoint folder)")
+    export.add_argument("--adapter", help="folder with the LoRA adapter, when an earlier stage trained it")
     export.add_argument("--assets", default=str(ASSETS))
-    export.add_argument("--scores", help="eval report JSON (`smolvlm eval --out`) to record")
-    export.add_argument("--recipe", help="JSON file describing the recipe (data, stages)")
-    export.add_argument("--seed", type=int, default=0)
-    export.add_argument("--wall-time", type=float, default=0.0, help="seconds the recipe took")
+    manifest = sub.add_parser("manifest", help="record scores, goals, recipe, hardware and wall time")
+    manifest.add_argument("--report", required=True, help="eval report JSON (`smolvlm eval --out`)")
+    manifest.add_argument("--eval-data", required=True, help="the eval JSONL the report scored")
+    manifest.add_argument("--recipe", required=True, help="JSON text describing the recipe")
+    manifest.add_argument("--seed", type=int, required=True)
+    manifest.add_argument("--wall-time", type=float, required=True, help="seconds the recipe took")
+    manifest.add_argument("--assets", default=str(ASSETS))
     sub.add_parser("path", help="assemble (if needed) and print the demo folder")
     args = parser.parse_args(argv)
     try:
         if args.command == "base":
             print(build_base(args.out, args.seed))
         elif args.command == "export":
-            assets = export_assets(args.run, args.assets)
-            scores = None
-            if args.scores:
-                report = json.loads(Path(args.scores).read_text(encoding="utf-8"))
-                scores = report.get("table", report)
-                (assets / SCORES).write_text(json.dumps(scores, indent=2) + "\n", encoding="utf-8")
-            recipe = json.loads(Path(args.recipe).read_text(encoding="utf-8")) if args.recipe else {}
-            print(write_manifest(assets, recipe, args.seed, args.wall_time, scores))
+            print(export_assets(args.run, args.assets, args.adapter))
+        elif args.command == "manifest":
+            report = json.loads(Path(args.report).read_text(encoding="utf-8"))
+            assets = Path(args.assets)
+            (assets / SCORES).write_text(json.dumps(report["table"], indent=2) + "\n", encoding="utf-8")
+            goals = goal_scores(report, args.eval_data)
+            print(write_manifest(assets, json.loads(args.recipe), args.seed, args.wall_time, report["table"], goals))
+            for goal, row in goals.items():
+                print(f"{goal:<14} {100 * row['score']:5.1f}%  (goal {100 * row['goal']:.0f}%, n={row['n']})")
         else:
             print(demo_checkpoint())
     except SmolVLMError as e:
