@@ -185,21 +185,20 @@ def cmd_describe(args: argparse.Namespace) -> int:
     with out.open("a", encoding="utf-8") as f, tqdm(total=len(todo), desc="describe", unit="img",
                                                       disable=args.json or None) as bar:
         for batch in _batches(todo, args.batch_size):
-            readable = []
+            readable = []  # (path, decoded image): each file is read and decoded once
             for path in batch:
                 try:
-                    load_image(path, vlm.processor.max_pixels)
-                    readable.append(path)
+                    readable.append((path, load_image(path, vlm.processor.max_pixels)))
                 except SmolVLMError as e:
                     failed += 1
                     f.write(json.dumps({"image": str(path), "error": str(e)}) + "\n")
                     print(f"skipped {path}: {e}", file=sys.stderr)
             if readable:
                 conversations = [
-                    [{"role": "user", "content": [{"type": "image", "image": str(p)}, {"type": "text", "text": args.prompt}]}]
-                    for p in readable
+                    [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": args.prompt}]}]
+                    for _, image in readable
                 ]
-                for path, answer in zip(readable, vlm.generate(conversations, **options)):
+                for (path, _), answer in zip(readable, vlm.generate(conversations, **options)):
                     f.write(json.dumps({"image": str(path), "prompt": args.prompt, "answer": answer}) + "\n")
                     answered += 1
             f.flush()
