@@ -12,7 +12,7 @@ import torch
 
 from smolvlm.engine.generate import Engine, GenerationConfig, GenerationResult
 from smolvlm.errors import ConfigError, GenerationError, ModelNotFoundError, PromptError
-from smolvlm.processing import Batch, Processor, Tokenizer
+from smolvlm.processing import Batch, Processor, Tokenizer, message_images, normalize_messages
 
 Message = dict[str, Any]
 Conversation = list[Message]
@@ -92,7 +92,7 @@ class VLM:
 
     def prepare(self, conversations: Sequence[Conversation]) -> Batch:
         """Render, tokenize and process images for a batch of conversations (with the generation prompt)."""
-        if not self.supports_images and any(_has_image(c) for c in conversations):
+        if not self.supports_images and any(message_images(normalize_messages(c)) for c in conversations):
             raise PromptError(f"{self.name} is a text-only model: it cannot look at images")
         return self.processor.encode_chat(conversations, add_generation_prompt=True)
 
@@ -160,16 +160,6 @@ class VLM:
             out["longest_edge"] = image.longest_edge
             out["image_splitting"] = image.do_image_splitting
         return out
-
-
-def _has_image(conversation: Conversation) -> bool:
-    for message in conversation:
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, list) and any(
-            isinstance(p, dict) and p.get("type") in ("image", "image_url") for p in content
-        ):
-            return True
-    return False
 
 
 def load(name_or_path: str | os.PathLike = "demo", device: str | torch.device = "auto", dtype: Any = None) -> VLM:
