@@ -36,7 +36,7 @@ def _setup_logging() -> None:
 
 def train_parser() -> argparse.ArgumentParser:
     """`smolvlm train`: one --flag per TrainConfig field, plus --config FILE.json for a stage preset."""
-    from smolvlm.train.trainer import PARTS, POLICIES, TrainConfig
+    from smolvlm.train.trainer import OBJECTIVES, PARTS, POLICIES, TrainConfig
 
     parser = argparse.ArgumentParser(prog="smolvlm train", description="Fine-tune a SmolVLM checkpoint.")
     parser.add_argument("--config", help="JSON file of TrainConfig fields (a stage); flags override it")
@@ -46,7 +46,7 @@ def train_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         else:
             kind = {"int": int, "float": float}.get(str(f.type), str)
-            choices = POLICIES if f.name in PARTS else None
+            choices = POLICIES if f.name in PARTS else OBJECTIVES if f.name == "objective" else None
             parser.add_argument(flag, type=kind, default=None, choices=choices, help=f"default: {f.default!r}")
     return parser
 

@@ -96,11 +96,16 @@ def text_mask(text: str, style: str, size: int) -> Image.Image:
     return mask
 
 
+def text_origin(width: int, height: int, centre: Sequence[int]) -> tuple[int, int]:
+    """Top-left corner of a width x height text mask drawn centred on `centre`."""
+    return centre[0] - width // 2, centre[1] - height // 2
+
+
 def _paste_text(image: Image.Image, text: str, style: str, size: int, centre: Sequence[int], rgb: Sequence[int]
                 ) -> None:
     """Paint a text line centred on `centre`."""
     mask = text_mask(text, style, size)
-    left, top = centre[0] - mask.width // 2, centre[1] - mask.height // 2
+    left, top = text_origin(mask.width, mask.height, centre)
     image.paste(tuple(rgb), (left, top, left + mask.width, top + mask.height), mask)
 
 
@@ -138,10 +143,10 @@ def _star_points(box: Box) -> list[tuple[float, float]]:
             for u, v in unit]
 
 
-def _draw_object(draw: ImageDraw.ImageDraw, obj: Mapping[str, Any]) -> None:
-    """Fill one shape so that its pixels span exactly its box."""
+def draw_object(draw: ImageDraw.ImageDraw, obj: Mapping[str, Any], fill: Any = None) -> None:
+    """Fill one shape so that its pixels span exactly its box (in its own colour unless `fill` is given)."""
     x0, y0, x1, y1 = obj["box"]
-    fill = tuple(obj["rgb"])
+    fill = tuple(obj["rgb"]) if fill is None else fill
     cx, cy = (x0 + x1 - 1) / 2, (y0 + y1 - 1) / 2
     shape = obj["shape"]
     if shape == "circle":
@@ -158,24 +163,41 @@ def _draw_object(draw: ImageDraw.ImageDraw, obj: Mapping[str, Any]) -> None:
         raise DataError(f"scene object shape {shape!r} is unknown; expected one of {', '.join(SHAPES)}")
 
 
+def chart_texts(scene: Mapping[str, Any]) -> list[tuple[str, tuple[int, int], tuple[int, int, int]]]:
+    """(text, centre, rgb) of a chart's even tick labels, then of its bar labels."""
+    px0, py0, px1, py1 = scene["plot"]
+    unit = (py1 - py0) / CHART_MAX
+    font_size = scene["font_size"]
+    ticks = [(str(v), (px0 - font_size, round(py1 - v * unit)), (40, 40, 40)) for v in range(0, CHART_MAX + 1, 2)]
+    labels = [(bar["label"], ((bar["box"][0] + bar["box"][2]) // 2, py1 + font_size), (20, 20, 20))
+              for bar in scene["bars"]]
+    return ticks + labels
+
+
+def chart_axes(scene: Mapping[str, Any]) -> list[tuple[int, int, int, int]]:
+    """The two axis lines (x0, y0, x1, y1), drawn 2 px wide."""
+    px0, py0, px1, py1 = scene["plot"]
+    return [(px0, py0, px0, py1), (px0, py1, px1, py1)]
+
+
 def _draw_chart(image: Image.Image, scene: Mapping[str, Any]) -> None:
     """Axes, integer grid lines, even tick labels, bars and their labels."""
     draw = ImageDraw.Draw(image)
     px0, py0, px1, py1 = scene["plot"]
     unit = (py1 - py0) / CHART_MAX
-    font_size = scene["font_size"]
-    for v in range(CHART_MAX + 1):
+    for v in range(1, CHART_MAX + 1):
         y = round(py1 - v * unit)
-        if v:
-            draw.line((px0, y, px1, y), fill=(205, 205, 205))
-        if v % 2 == 0:
-            _paste_text(image, str(v), "sans-bold", font_size, (px0 - font_size, y), (40, 40, 40))
-    for bar in scene["bars"]:
+        draw.line((px0, y, px1, y), fill=(205, 205, 205))
+    texts = chart_texts(scene)
+    n_ticks = len(texts) - len(scene["bars"])
+    for text, centre, rgb in texts[:n_ticks]:
+        _paste_text(image, text, "sans-bold", scene["font_size"], centre, rgb)
+    for bar, (text, centre, rgb) in zip(scene["bars"], texts[n_ticks:]):
         x0, y0, x1, y1 = bar["box"]
         draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=tuple(bar["rgb"]))
-        _paste_text(image, bar["label"], "sans-bold", font_size, ((x0 + x1) // 2, py1 + font_size), (20, 20, 20))
-    draw.line((px0, py0, px0, py1), fill=(20, 20, 20), width=2)
-    draw.line((px0, py1, px1, py1), fill=(20, 20, 20), width=2)
+        _paste_text(image, text, "sans-bold", scene["font_size"], centre, rgb)
+    for line in chart_axes(scene):
+        draw.line(line, fill=(20, 20, 20), width=2)
 
 
 def render_scene(scene: Mapping[str, Any]) -> Image.Image:
@@ -183,7 +205,7 @@ def render_scene(scene: Mapping[str, Any]) -> Image.Image:
     image = _render_background(scene["background"], scene["size"])
     draw = ImageDraw.Draw(image)
     for obj in scene.get("objects", []):
-        _draw_object(draw, obj)
+        draw_object(draw, obj)
     if "sign" in scene:
         sign = scene["sign"]
         x0, y0, x1, y1 = sign["box"]

@@ -43,13 +43,14 @@ from smolvlm.errors import ConfigError, DataError
 from smolvlm.model import SmolVLM
 from smolvlm.processing import Processor
 from smolvlm.train.data import BadData, Collator, Sample, TrainBatch, load_samples
-from smolvlm.train.distill import check_same_tokenizer, distill_loss_sum, shifted
+from smolvlm.train.distill import check_same_tokenizer, distill_loss_sum, predicting_positions
 from smolvlm.train.lora import LoRAConfig, apply_lora, merge_lora, save_adapter
 from smolvlm.weights.checkpoint import load_smolvlm, save_smolvlm
 
 log = logging.getLogger("smolvlm.train")
 PARTS = {"vision": ("vision_model.",), "connector": ("connector.",), "text": ("text_model.", "lm_head.")}
 POLICIES = ("frozen", "lora", "full")
+OBJECTIVES = ("lm", "scene")
 STATE_FILES = ("trainable.safetensors", "optimizer.safetensors", "trainer_state.json")
 
 
@@ -57,6 +58,7 @@ STATE_FILES = ("trainable.safetensors", "optimizer.safetensors", "trainer_state.
 class TrainConfig:
     """Everything a run needs; `smolvlm train` exposes each field as --flag-name."""
 
+    objective: str = "lm"  # lm: next-token loss on the answers; scene: dense scene labels for the vision tower
     model: str = ""  # base checkpoint folder
     data: str = ""  # JSONL, saved HF dataset folder or parquet
     out: str = "runs/train"
@@ -155,6 +157,15 @@ def init_distributed(device: str) -> DistState:
             torch.cuda.set_device(state.local_rank)
         dist.init_process_group("nccl" if cuda else "gloo")
     return state
+
+
+def save_run_folder(model: SmolVLM, processor: Processor, base: str | Path, directory: Path) -> None:
+    """Write a loadable HF folder: weights, config, processor files and the base's generation config."""
+    save_smolvlm(model, directory)
+    processor.save(directory)
+    generation = Path(base) / "generation_config.json"
+    if generation.is_file():
+        shutil.copy(generation, directory / "generation_config.json")
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -379,15 +390,16 @@ class Trainer:
                 self.wrapped.set_requires_gradient_sync(True)
             with self._gradient_sync(last):
                 with self._autocast():
-                    logits = self.wrapped(**batch.model_inputs()).logits  # (B, T, V)
                     if self.teacher is not None:
+                        logits = self.wrapped(**batch.model_inputs()).logits  # (B, T, V)
                         with torch.no_grad():
                             teacher_logits = self.teacher(**batch.model_inputs()).logits
                         loss, ce, kl = distill_loss_sum(logits, teacher_logits, batch.labels,
                                                         config.distill_weight, config.distill_temperature)
-                    else:
-                        s, targets = shifted(logits, batch.labels)
-                        loss = ce = F.cross_entropy(s.float(), targets, reduction="sum")
+                    else:  # logits only where a label is predicted: the LM head over every position is waste
+                        mask, targets = predicting_positions(batch.labels)
+                        logits = self.wrapped(**batch.model_inputs(), logits_mask=mask).logits  # (N, V)
+                        loss = ce = F.cross_entropy(logits.float(), targets, reduction="sum")
                         kl = torch.zeros((), device=self.device)
                 # DDP averages gradients over ranks; scaling by world turns that into a sum over the global batch.
                 (loss * self.dist.world / n_labels).backward()
@@ -526,11 +538,7 @@ class Trainer:
                     for prefix in prefixes]
             save_adapter(model, self.lora, directory, base_model=self.config.model, full_modules=full)
             merge_lora(model)
-        save_smolvlm(model, directory)
-        self.processor.save(directory)
-        generation = Path(self.config.model) / "generation_config.json"
-        if generation.is_file():
-            shutil.copy(generation, directory / "generation_config.json")
+        save_run_folder(model, self.processor, self.config.model, directory)
 
     def save_checkpoint(self) -> Path:
         """Write OUT/checkpoints/step-N atomically (temp dir + rename) and keep the last `keep_last`."""
@@ -606,7 +614,15 @@ class Trainer:
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
-    """Build a Trainer and run it; returns the last step's metrics."""
+    """Build a Trainer (or the scene stage) and run it; returns the last step's metrics."""
+    if config.objective not in OBJECTIVES:
+        raise ConfigError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {config.objective!r}")
+    if config.objective == "scene":
+        from smolvlm.train.scene_pretrain import train_scene
+
+        if not config.model or not config.data:
+            raise ConfigError("train needs --model (a checkpoint folder) and --data (a dataset)")
+        return train_scene(config)
     trainer = Trainer(config)
     try:
         return trainer.train()

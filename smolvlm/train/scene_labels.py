@@ -1,0 +1,139 @@
+"""Dense labels of synthetic scenes: what every pixel shows, summarised per vision patch.
+
+A scene (see `synthetic.py`) fully determines its picture, so it also determines which object, sign, character or
+bar each pixel belongs to. `instance_map` draws the scene again with instance ids instead of colours; `patch_targets`
+turns that into per-patch training targets for the vision tower: the class histogram of the patch's pixels, the box
+of the instance that covers most of it, and whether an object's centre falls inside it. These are the targets of
+`smolvlm train --objective scene`, which teaches a from-scratch vision tower what is where before the language model
+ever sees its features.
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from smolvlm.errors import DataError
+from smolvlm.train.synthetic import COLOURS, SHAPES, chart_axes, chart_texts, draw_object, text_mask, text_origin
+
+CHARACTERS = string.ascii_uppercase + string.digits
+# class 0 is background; then every (shape, colour), the sign plate, every character, every bar colour, the axes.
+SHAPE_CLASSES = 1
+SIGN_CLASS = SHAPE_CLASSES + len(SHAPES) * len(COLOURS)
+CHAR_CLASSES = SIGN_CLASS + 1
+BAR_CLASSES = CHAR_CLASSES + len(CHARACTERS)
+AXIS_CLASS = BAR_CLASSES + len(COLOURS)
+N_CLASSES = AXIS_CLASS + 1
+COLOUR_NAMES = list(COLOURS)
+
+
+@dataclass
+class Instance:
+    """One labelled thing in a scene: its class, its box (x0, y0, x1, y1; exclusive) and whether it is countable."""
+
+    label: int
+    box: tuple[int, int, int, int]
+    countable: bool = False
+
+
+def _shape_class(shape: str, colour: str) -> int:
+    return SHAPE_CLASSES + SHAPES.index(shape) * len(COLOURS) + COLOUR_NAMES.index(colour)
+
+
+def _paint_text(ids: np.ndarray, instances: list[Instance], text: str, style: str, size: int,
+                centre: Sequence[int]) -> None:
+    """Give each character of a centred text line its own instance id over the ink pixels it covers."""
+    mask = np.asarray(text_mask(text, style, size)) > 127  # (h, w)
+    left, top = text_origin(mask.shape[1], mask.shape[0], centre)
+    H, W = ids.shape
+    start = 0
+    for k, char in enumerate(text):
+        end = mask.shape[1] if k == len(text) - 1 else text_mask(text[: k + 1], style, size).width
+        if char.upper() in CHARACTERS and end > start:
+            ink = np.zeros_like(mask)
+            ink[:, start:end] = mask[:, start:end]
+            rows, cols = np.nonzero(ink)
+            if rows.size:
+                ys, xs = rows + top, cols + left
+                keep = (ys >= 0) & (ys < H) & (xs >= 0) & (xs < W)
+                instances.append(Instance(CHAR_CLASSES + CHARACTERS.index(char.upper()),
+                                          (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)))
+                ids[ys[keep], xs[keep]] = len(instances)
+        start = max(start, end)
+
+
+def instance_map(scene: Mapping[str, Any]) -> tuple[np.ndarray, list[Instance]]:
+    """(H, W) int32 instance ids (0 = background; id i is instances[i - 1]) drawn with the scene's own geometry."""
+    w, h = scene["size"]
+    canvas = Image.new("I", (w, h), 0)
+    draw = ImageDraw.Draw(canvas)
+    instances: list[Instance] = []
+
+    def add(instance: Instance) -> int:
+        instances.append(instance)
+        return len(instances)
+
+    for obj in scene.get("objects", []):
+        x0, y0, x1, y1 = obj["box"]
+        draw_object(draw, obj, fill=add(Instance(_shape_class(obj["shape"], obj["colour"]), (x0, y0, x1, y1),
+                                                 countable=True)))
+    for bar in scene.get("bars", []):
+        x0, y0, x1, y1 = bar["box"]
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=add(Instance(BAR_CLASSES + COLOUR_NAMES.index(bar["colour"]),
+                                                                   (x0, y0, x1, y1), countable=True)))
+    if "bars" in scene:
+        for line in chart_axes(scene):
+            x0, y0, x1, y1 = line
+            draw.line(line, fill=add(Instance(AXIS_CLASS, (x0 - 1, y0 - 1, x1 + 1, y1 + 1))), width=2)
+    if "sign" in scene:
+        x0, y0, x1, y1 = scene["sign"]["box"]
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=add(Instance(SIGN_CLASS, (x0, y0, x1, y1))))
+    ids = np.array(canvas, dtype=np.int32)  # (H, W)
+    if "sign" in scene:
+        sign = scene["sign"]
+        for line, centre in zip(sign["lines"], sign["centres"]):
+            _paint_text(ids, instances, line, sign["style"], sign["font_size"], centre)
+    if "bars" in scene:
+        for text, centre, _ in chart_texts(scene):
+            _paint_text(ids, instances, text, "sans-bold", scene["font_size"], centre)
+    return ids, instances
+
+
+@dataclass
+class PatchTargets:
+    """Per-patch targets of one picture, patches in row-major order."""
+
+    classes: np.ndarray  # (P, N_CLASSES) float32: fraction of the patch's pixels in each class
+    boxes: np.ndarray  # (P, 4) float32: box of the dominant instance, in [0, 1] of the picture
+    has_box: np.ndarray  # (P,) bool: a non-background instance covers a quarter of the patch or more
+    centres: np.ndarray  # (P,) float32: 1 where the centre of a countable instance falls
+
+
+def patch_targets(scene: Mapping[str, Any], patch_size: int) -> PatchTargets:
+    """Summarise a scene's instance map over a grid of `patch_size` patches."""
+    ids, instances = instance_map(scene)
+    H, W = ids.shape
+    if H % patch_size or W % patch_size:
+        raise DataError(f"scene size {W}x{H} is not a multiple of the patch size {patch_size}")
+    gh, gw = H // patch_size, W // patch_size
+    labels = np.array([0] + [i.label for i in instances], dtype=np.int64)
+    patch_of = (np.arange(H)[:, None] // patch_size) * gw + np.arange(W)[None, :] // patch_size  # (H, W)
+    n_patches, area = gh * gw, patch_size * patch_size
+    classes = np.bincount((patch_of * N_CLASSES + labels[ids]).ravel(), minlength=n_patches * N_CLASSES)
+    classes = classes.reshape(n_patches, N_CLASSES).astype(np.float32) / area
+    per_instance = np.bincount((patch_of * (len(instances) + 1) + ids).ravel(),
+                               minlength=n_patches * (len(instances) + 1)).reshape(n_patches, -1)
+    per_instance[:, 0] = 0  # background never owns a box
+    dominant = per_instance.argmax(axis=1)  # (P,)
+    has_box = per_instance[np.arange(n_patches), dominant] >= area / 4
+    table = np.array([[0, 0, 0, 0]] + [i.box for i in instances], dtype=np.float32) / np.array([W, H, W, H])
+    centres = np.zeros(n_patches, dtype=np.float32)
+    for inst in instances:
+        if inst.countable:
+            cx, cy = (inst.box[0] + inst.box[2]) / 2, (inst.box[1] + inst.box[3]) / 2
+            centres[min(int(cy) // patch_size, gh - 1) * gw + min(int(cx) // patch_size, gw - 1)] = 1.0
+    return PatchTargets(classes, table[dominant].astype(np.float32), has_box, centres)

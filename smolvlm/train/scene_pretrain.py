@@ -1,0 +1,219 @@
+"""`smolvlm train --objective scene`: teach a vision tower what is where, from the synthetic scenes' own metadata.
+
+A vision tower trained from scratch only through a frozen language model's answer loss gets a weak, noisy signal
+(one short answer per picture) and tends to collapse to image-independent features. Synthetic pictures come with
+their scene, so every patch has an exact label (`scene_labels.py`). This stage trains the vision tower with three
+small linear heads on the patch features: the patch's class histogram (soft cross-entropy), the box of the thing
+covering it (L1) and whether a countable thing's centre lies in it (binary cross-entropy). The heads are thrown
+away; the checkpoint written to OUT/final is the input checkpoint with the new vision tower, ready for a
+language-model stage (`--objective lm`) that trains the connector (and LoRA) on the answers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from smolvlm.errors import ConfigError, DataError
+from smolvlm.processing import Processor
+from smolvlm.processing.image import batch_tiles, split_image
+from smolvlm.train.scene_labels import N_CLASSES, patch_targets
+from smolvlm.train.synthetic import render_scene
+from smolvlm.weights.checkpoint import load_smolvlm
+
+log = logging.getLogger("smolvlm.train")
+BOX_WEIGHT = 5.0  # box coordinates are in [0, 1]: L1 errors are small next to the class cross-entropy
+CENTRE_POS_WEIGHT = 10.0  # about one patch in ten holds a centre
+
+
+class SceneHeads(nn.Module):
+    """Linear heads on patch features: class logits, box (sigmoid, [0, 1]) and centre logit."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.classes = nn.Linear(hidden_size, N_CLASSES)
+        self.box = nn.Linear(hidden_size, 4)
+        self.centre = nn.Linear(hidden_size, 1)
+
+    def forward(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(N, P, D) -> class logits (N, P, C), boxes (N, P, 4), centre logits (N, P)."""
+        return self.classes(patches), self.box(patches).sigmoid(), self.centre(patches).squeeze(-1)
+
+
+def load_scenes(path: str | Path) -> list[dict[str, Any]]:
+    """Every distinct scene in a synthetic JSONL (`meta.images` of each line), in file order."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file; the scene objective reads a JSONL written by `smolvlm data synth`")
+    scenes, seen = [], set()
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                images = json.loads(line).get("meta", {}).get("images")
+            except (json.JSONDecodeError, AttributeError) as e:
+                raise DataError(f"{path}:{number}: not a JSON object ({e})") from e
+            if not isinstance(images, list):
+                raise DataError(f"{path}:{number}: no meta.images scenes; the scene objective needs synthetic data "
+                                "(`smolvlm data synth`)")
+            for scene in images:
+                key = json.dumps(scene, sort_keys=True)
+                if key not in seen:
+                    seen.add(key)
+                    scenes.append(scene)
+    if not scenes:
+        raise DataError(f"{path}: no scenes")
+    return scenes
+
+
+class SceneBatches:
+    """Rendered, normalised pictures and stacked patch targets for lists of scenes."""
+
+    def __init__(self, processor: Processor, patch_size: int) -> None:
+        if processor.image_config is None:
+            raise ConfigError("the scene objective needs a checkpoint with an image processor")
+        self.config = processor.image_config
+        self.patch_size = patch_size
+
+    def __call__(self, scenes: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """pixel_values (N, 3, H, W) and targets: classes (N, P, C), boxes (N, P, 4), has_box (N, P), centres."""
+        tiles, targets = [], []
+        for scene in scenes:
+            image = render_scene(scene)
+            cut = split_image(image, self.config)
+            if len(cut.tiles) != 1 or cut.tiles[0].shape[:2] != (image.height, image.width):
+                raise ConfigError(f"the scene objective needs each picture to be one unresized tile; this "
+                                  f"checkpoint turns a {image.width}x{image.height} picture into {len(cut.tiles)} "
+                                  f"tile(s) of {cut.tiles[0].shape[1]}x{cut.tiles[0].shape[0]}")
+            tiles.append([cut])
+            targets.append(patch_targets(scene, self.patch_size))
+        pixel_values, _ = batch_tiles(tiles, self.config)  # (N, 1, 3, H, W)
+
+        def stack(field: str) -> torch.Tensor:
+            return torch.from_numpy(np.stack([getattr(t, field) for t in targets]))
+
+        return {"pixel_values": pixel_values[:, 0], "classes": stack("classes"), "boxes": stack("boxes"),
+                "has_box": stack("has_box"), "centres": stack("centres")}
+
+
+def scene_losses(heads: SceneHeads, patches: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The three losses (means over patches) and the patch accuracy of the dominant class."""
+    class_logits, boxes, centre_logits = heads(patches)
+    log_probs = class_logits.float().log_softmax(-1)  # (N, P, C)
+    classes = batch["classes"]
+    has_box = batch["has_box"].float()  # (N, P)
+    box_l1 = ((boxes.float() - batch["boxes"]).abs().sum(-1) * has_box).sum() / has_box.sum().clamp(min=1)
+    centre = F.binary_cross_entropy_with_logits(centre_logits.float(), batch["centres"],
+                                                pos_weight=torch.tensor(CENTRE_POS_WEIGHT))
+    cls = -(classes * log_probs).sum(-1).mean()
+    accuracy = (log_probs.argmax(-1) == classes.argmax(-1)).float().mean()
+    return {"loss": cls + BOX_WEIGHT * box_l1 + centre, "class_ce": cls, "box_l1": box_l1, "centre_bce": centre,
+            "class_acc": accuracy}
+
+
+def train_scene(config: Any) -> dict[str, Any]:
+    """Run the scene objective described by a TrainConfig; writes OUT/final and OUT/log.jsonl."""
+    from smolvlm.train.trainer import lr_factor, save_run_folder
+
+    if config.vision == "frozen":
+        raise ConfigError("--objective scene trains the vision tower: set --vision full")
+    if config.resume or config.fsdp or config.teacher:
+        raise ConfigError("--objective scene is a short single-process stage: it takes no --resume, --fsdp or "
+                          "--teacher")
+    torch.manual_seed(config.seed)
+    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if config.device == "auto" else config.device))
+    processor = Processor.from_pretrained(config.model)
+    model = load_smolvlm(config.model, device=device, dtype=torch.float32)
+    vision = model.vision_model
+    heads = SceneHeads(model.config.vision.hidden_size).to(device)
+    params = [p for p in vision.parameters()] + list(heads.parameters())
+    lr = config.vision_lr or config.lr
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay,
+                                  betas=(config.beta1, config.beta2))
+    scenes = load_scenes(config.data)
+    eval_scenes = load_scenes(config.eval_data) if config.eval_data else []
+    make_batch = SceneBatches(processor, model.config.vision.patch_size)
+    order = random.Random(config.seed)
+    epoch: list[int] = []
+
+    def next_scenes() -> list[dict[str, Any]]:
+        picks = []
+        for _ in range(config.batch_size):
+            if not epoch:
+                epoch.extend(order.sample(range(len(scenes)), len(scenes)))
+            picks.append(scenes[epoch.pop()])
+        return picks
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="smolvlm-scenes")
+    pending: Future = pool.submit(make_batch, next_scenes())
+    metrics: dict[str, Any] = {}
+    start = time.perf_counter()
+    from tqdm import tqdm
+
+    bar = tqdm(total=config.max_steps, desc="train scene", unit="step", disable=not config.progress,
+               dynamic_ncols=True)
+    vision.train()
+    with (out / "log.jsonl").open("a", encoding="utf-8") as log_file:
+        for step in range(config.max_steps):
+            batch = {k: v.to(device) for k, v in pending.result().items()}
+            if step + 1 < config.max_steps:
+                pending = pool.submit(make_batch, next_scenes())
+            factor = lr_factor(step, config.warmup_steps, config.max_steps, config.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * factor
+            losses = scene_losses(heads, vision(batch["pixel_values"]), batch)
+            losses["loss"].backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip or float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            metrics = {"step": step + 1, "lr": lr * factor, "grad_norm": float(grad_norm),
+                       "pictures_per_s": (step + 1) * config.batch_size / (time.perf_counter() - start),
+                       **{k: float(v.detach()) for k, v in losses.items()}}
+            if not math.isfinite(metrics["loss"]):
+                raise DataError(f"scene objective: the loss became {metrics['loss']} at step {step + 1}; "
+                                "lower --lr")
+            if (step + 1) % config.log_every == 0 or step + 1 == config.max_steps:
+                log_file.write(json.dumps(metrics) + "\n")
+                log_file.flush()
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['class_acc']:.3f}")
+            bar.update(1)
+        bar.close()
+        pool.shutdown(wait=True, cancel_futures=True)
+        if eval_scenes:
+            metrics["eval"] = evaluate_scenes(vision, heads, make_batch, eval_scenes, config.eval_batch_size, device)
+            log_file.write(json.dumps({"step": config.max_steps, "eval": metrics["eval"]}) + "\n")
+    vision.eval()
+    save_run_folder(model, processor, config.model, out / "final")
+    return metrics
+
+
+@torch.no_grad()
+def evaluate_scenes(vision: nn.Module, heads: SceneHeads, make_batch: SceneBatches, scenes: list[dict[str, Any]],
+                    batch_size: int, device: torch.device) -> dict[str, float]:
+    """Mean losses and patch accuracy over held-out scenes."""
+    was_training = vision.training
+    vision.eval()
+    totals: dict[str, float] = {}
+    for i in range(0, len(scenes), batch_size):
+        chunk = scenes[i : i + batch_size]
+        batch = {k: v.to(device) for k, v in make_batch(chunk).items()}
+        for key, value in scene_losses(heads, vision(batch["pixel_values"]), batch).items():
+            totals[key] = totals.get(key, 0.0) + float(value) * len(chunk)
+    vision.train(was_training)
+    return {k: v / len(scenes) for k, v in totals.items()}
+

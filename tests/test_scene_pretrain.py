@@ -1,0 +1,113 @@
+"""Dense scene labels and `smolvlm train --objective scene` (the vision tower's first stage)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from smolvlm.errors import ConfigError, DataError
+from smolvlm.train import synthetic
+from smolvlm.train.commands import train_main
+from smolvlm.train.scene_labels import (
+    CHAR_CLASSES, CHARACTERS, N_CLASSES, SHAPE_CLASSES, instance_map, patch_targets,
+)
+from smolvlm.train.synthetic import COLOURS, SHAPES, render_scene
+from smolvlm.train.trainer import TrainConfig, train
+from test_trainer import synthetic_set, trainable_checkpoint
+
+
+def _scene(task: str, seed: int) -> dict:
+    return synthetic.generate_sample(task, random.Random(seed))[3]["images"][0]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_shape_labels_cover_exactly_the_drawn_pixels(seed):
+    scene = _scene("count", seed)
+    ids, instances = instance_map(scene)
+    image = np.asarray(render_scene(scene)).astype(int)
+    background = np.asarray(render_scene({**scene, "objects": []})).astype(int)
+    drawn = np.abs(image - background).sum(-1) > 0
+    assert np.array_equal(drawn, ids > 0)
+    for k, obj in enumerate(scene["objects"], 1):
+        label = SHAPE_CLASSES + SHAPES.index(obj["shape"]) * len(COLOURS) + list(COLOURS).index(obj["colour"])
+        assert instances[k - 1].label == label and instances[k - 1].countable
+        ys, xs = np.nonzero(ids == k)
+        assert [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] == obj["box"]  # shapes span their box exactly
+        assert np.all(image[ys, xs] == obj["rgb"])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_sign_characters_are_labelled_in_reading_order(seed):
+    scene = _scene("ocr", seed)
+    ids, instances = instance_map(scene)
+    chars = [CHARACTERS[i.label - CHAR_CLASSES] for i in instances if i.label >= CHAR_CLASSES]
+    assert "".join(chars) == "".join(scene["sign"]["lines"]).replace(" ", "")
+    lefts = [i.box[0] for i in instances if i.label >= CHAR_CLASSES]
+    assert len(set(lefts)) == len(lefts)
+    image = np.asarray(render_scene(scene)).astype(int)
+    text_rgb = np.array(scene["sign"]["text_rgb"])
+    on_text = ids > 0
+    on_text &= np.isin(ids, [k for k, i in enumerate(instances, 1) if i.label >= CHAR_CLASSES])
+    assert np.abs(image[on_text] - text_rgb).sum(-1).mean() < 60  # character pixels are (mostly) ink
+
+
+def test_patch_targets_summarise_the_map():
+    scene = _scene("grounding", 3)
+    targets = patch_targets(scene, 16)
+    assert targets.classes.shape == (256, N_CLASSES)
+    np.testing.assert_allclose(targets.classes.sum(1), 1.0, rtol=1e-6)
+    assert targets.centres.sum() == len(scene["objects"])
+    for obj in scene["objects"]:
+        x0, y0, x1, y1 = obj["box"]
+        cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
+        patch = (cy // 16) * 16 + cx // 16
+        assert targets.has_box[patch]
+        np.testing.assert_allclose(targets.boxes[patch], np.array(obj["box"]) / 256, atol=1e-6)
+    with pytest.raises(DataError, match="patch size"):
+        patch_targets(scene, 24)
+
+
+def test_scene_stage_trains_only_the_vision_tower(tmp_path):
+    torch.set_num_threads(1)
+    ckpt = trainable_checkpoint(tmp_path / "ckpt")
+    data = synthetic_set(tmp_path / "data", 48, tasks="colour,count,ocr,chart")
+    out = tmp_path / "scene"
+    metrics = train(TrainConfig(objective="scene", model=str(ckpt), data=str(data), out=str(out), vision="full",
+                                lr=3e-3, max_steps=40, batch_size=16, warmup_steps=2, eval_data=str(data),
+                                progress=False))
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    first, last = log[0], [r for r in log if "class_ce" in r][-1]
+    assert last["step"] == 40
+    assert last["class_ce"] < 0.7 * first["class_ce"] and last["box_l1"] < first["box_l1"]
+    assert metrics["eval"]["class_ce"] < first["class_ce"]
+    before, after = load_file(str(ckpt / "model.safetensors")), load_file(str(out / "final" / "model.safetensors"))
+    assert before.keys() == after.keys()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("model.vision_model.") for k in changed)
+    assert (out / "final" / "processor_config.json").is_file()
+
+
+def test_scene_stage_errors(tmp_path, capsys):
+    ckpt = trainable_checkpoint(tmp_path / "ckpt")
+    data = synthetic_set(tmp_path / "data", 4)
+    common = ["--objective", "scene", "--model", str(ckpt), "--out", str(tmp_path / "o"), "--max-steps", "1"]
+    assert train_main([*common, "--data", str(data)]) == 2  # vision frozen by default
+    assert "--vision full" in capsys.readouterr().err
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    assert train_main([*common, "--vision", "full", "--data", str(plain)]) == 2
+    assert "meta.images" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse names the choices
+        train_main([*common, "--vision", "full", "--data", str(data), "--objective", "pixels"])
+    assert "choose from 'lm', 'scene'" in capsys.readouterr().err
+    split = json.loads((ckpt / "preprocessor_config.json").read_text())
+    split["do_image_splitting"] = True
+    (ckpt / "preprocessor_config.json").write_text(json.dumps(split))
+    with pytest.raises(ConfigError, match="one unresized tile"):
+        train(TrainConfig(objective="scene", model=str(ckpt), data=str(data), out=str(tmp_path / "o"),
+                          vision="full", max_steps=1, batch_size=2, progress=False))
