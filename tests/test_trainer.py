@@ -188,3 +188,16 @@ def test_bad_samples_are_skipped_during_training(setup, tmp_path, caplog):
     config.strict = True
     with pytest.raises(DataError, match=r"mixed\.jsonl:2: malformed JSON"):
         Trainer(config)
+
+
+def test_logits_mask_selects_positions_of_the_full_forward(setup):
+    ckpt, data = setup
+    model = load_smolvlm(ckpt).eval()
+    ids = torch.randint(0, 100, (2, 9))
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    mask[0, 3:5] = mask[1, 7] = True
+    with torch.no_grad():
+        full = model(ids).logits  # (2, 9, V)
+        picked = model(ids, logits_mask=mask).logits  # (3, V)
+    assert picked.shape == (3, full.shape[-1])
+    torch.testing.assert_close(picked, full[mask], rtol=1e-5, atol=1e-5)

@@ -24,7 +24,7 @@ from smolvlm.model.vision import VisionTransformer
 class SmolVLMOutput:
     """What a forward returns."""
 
-    logits: torch.Tensor  # (B, T, V), or (B, logits_to_keep, V)
+    logits: torch.Tensor  # (B, T, V), (B, logits_to_keep, V), or (N, V) at the N positions of `logits_mask`
     image_features: torch.Tensor | None = None  # (n_tiles, tokens_per_tile, D) spliced into this forward
 
 
@@ -108,11 +108,13 @@ class SmolVLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
         logits_to_keep: int = 0,
+        logits_mask: torch.Tensor | None = None,
     ) -> SmolVLMOutput:
         """input_ids (B, T) [+ pixel_values or precomputed image_features] -> SmolVLMOutput with logits (B, T, V).
 
         `attention_mask` is (B, cached + T), 1 = attend. With `logits_to_keep=n > 0` only the last n positions get
-        logits (prefill for generation needs one).
+        logits (prefill for generation needs one); with `logits_mask` ((B, T) bool) only the masked positions do,
+        flattened to (N, V) (training needs logits only where there is a label).
         """
         if pixel_values is not None and image_features is not None:
             raise PromptError("pass either pixel_values or image_features, not both")
@@ -122,6 +124,8 @@ class SmolVLM(nn.Module):
         hidden = self.text_model(embeds, attention_mask, position_ids, cache)  # (B, T, D)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
+        if logits_mask is not None:
+            hidden = hidden[logits_mask]  # (N, D)
         return SmolVLMOutput(logits=self.lm_head(hidden), image_features=image_features)
 
     @classmethod

@@ -33,11 +33,18 @@ def check_same_tokenizer(student: Processor, teacher: Processor, teacher_path: s
         )
 
 
+def predicting_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels (B, T) → mask (B, T) of the positions whose next token is a label, and those (N,) targets."""
+    following = labels[:, 1:]  # (B, T-1)
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = following != IGNORE_INDEX
+    return mask, following[following != IGNORE_INDEX]
+
+
 def shifted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (B, T, V) and labels (B, T) → the positions that predict a label: (N, V) logits, (N,) targets."""
-    targets = labels[:, 1:]  # (B, T-1)
-    keep = targets != IGNORE_INDEX
-    return logits[:, :-1][keep], targets[keep]  # (N, V), (N,)
+    mask, targets = predicting_positions(labels)
+    return logits[mask], targets  # (N, V), (N,)
 
 
 def kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
