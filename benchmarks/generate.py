@@ -3,7 +3,9 @@
 Each (implementation, shape) runs in its own subprocess so peak RSS is measured separately; both load the same
 safetensors folder written once per shape. Measures prefill seconds for a one-tile image and for a split image
 (4 tiles + global = 5 tiles), decode tokens/s at batch 1 and batch 8 (timed per step after the first new token,
-so prefill is excluded), and peak RSS.
+so prefill is excluded), and peak RSS. smolvlm runs twice: its default eager engine, and with decode steps through
+torch.compile (`load(..., compile=True)`, `--compile` on the CLI; warm-up time, which includes compiling, is
+reported as warmup_seconds).
 
     python benchmarks/generate.py                       # 256M and 500M, CPU, fp32
     python benchmarks/generate.py --shapes 256M --json  # one shape, JSON on stdout
@@ -75,12 +77,14 @@ class _StepClock:
         pass
 
 
-def run_ours(prompt: dict, new_tokens: int) -> tuple[float, float]:
+def run_ours(prompt: dict, new_tokens: int, step_mode: str = "eager") -> tuple[float, float]:
     """(prefill seconds, decode tok/s) for smolvlm's engine."""
     from smolvlm.engine.generate import Engine, GenerationConfig
 
     model = _CACHE["ours"]
-    engine = Engine(model, lambda ids: "", eos_token_ids=[])
+    if (step_mode, id(model)) not in _ENGINES:  # one engine per mode, so a compiled step is compiled once
+        _ENGINES[step_mode, id(model)] = Engine(model, lambda ids: "", eos_token_ids=[], step_mode=step_mode)
+    engine = _ENGINES[step_mode, id(model)]
     batch = prompt["input_ids"].shape[0]
     config = GenerationConfig(max_new_tokens=new_tokens)
     results = engine.generate(
@@ -107,17 +111,24 @@ def run_transformers(prompt: dict, new_tokens: int) -> tuple[float, float]:
 
 
 _CACHE: dict[str, torch.nn.Module] = {}
+_ENGINES: dict[tuple[str, int], object] = {}
+IMPLS = ("transformers", "ours", "ours-compiled")
 
 
 def worker(impl: str, directory: Path, new_tokens: int, repeats: int) -> dict:
     """Load one implementation and measure it; returns the figures as a dict."""
     start = time.perf_counter()
-    if impl == "ours":
+    if impl.startswith("ours"):
         from smolvlm.model.smolvlm import SmolVLM
 
         model = SmolVLM.from_pretrained(directory, device="cpu", dtype=torch.float32).eval()
         config = model.config
-        run = run_ours
+        mode = "compiled" if impl == "ours-compiled" else "eager"
+
+        def run(prompt: dict, new_tokens: int) -> tuple[float, float]:
+            return run_ours(prompt, new_tokens, mode)
+
+        impl = "ours"
     else:
         from transformers import SmolVLMForConditionalGeneration
 
@@ -132,9 +143,13 @@ def worker(impl: str, directory: Path, new_tokens: int, repeats: int) -> dict:
     def best_prefill(tiles: int) -> float:
         return min(run(make_prompt(config, tiles, 1), 1)[0] for _ in range(repeats))
 
-    run(make_prompt(config, 1, 1), 2)  # warm-up
+    start = time.perf_counter()
+    # Warm-up with the measured shapes (a compiled step compiles once per batch size and cache length).
+    for batch in (1, 8):
+        run(make_prompt(config, 1, batch), new_tokens)
     out = {
         "load_seconds": load_seconds,
+        "warmup_seconds": time.perf_counter() - start,
         "prefill_1_tile_s": best_prefill(1),
         "prefill_5_tiles_s": best_prefill(5),
         "decode_b1_tok_s": run(make_prompt(config, 1, 1), new_tokens)[1],
@@ -142,6 +157,17 @@ def worker(impl: str, directory: Path, new_tokens: int, repeats: int) -> dict:
     }
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
+
+
+def ratios(ours: dict, ref: dict) -> dict:
+    """Speedups (>1: ours faster) and the memory ratio (<1: ours smaller) against transformers."""
+    return {
+        "decode_b1_speedup": ours["decode_b1_tok_s"] / ref["decode_b1_tok_s"],
+        "decode_b8_speedup": ours["decode_b8_tok_s"] / ref["decode_b8_tok_s"],
+        "prefill_1_tile_speedup": ref["prefill_1_tile_s"] / ours["prefill_1_tile_s"],
+        "prefill_5_tiles_speedup": ref["prefill_5_tiles_s"] / ours["prefill_5_tiles_s"],
+        "peak_rss_ratio": ours["peak_rss_mib"] / ref["peak_rss_mib"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--out", type=Path, default=RESULTS / "generate-cpu.json")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    parser.add_argument("--worker", choices=["ours", "transformers"], help=argparse.SUPPRESS)
+    parser.add_argument("--no-compiled", action="store_true", help="skip smolvlm's torch.compile decode step")
+    parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -176,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             directory = Path(tmp)
             build_checkpoint(shape, directory)
             figures = {}
-            for impl in ("transformers", "ours"):
+            for impl in IMPLS[:2] if args.no_compiled else IMPLS:
                 cmd = [sys.executable, __file__, "--worker", impl, "--checkpoint", str(directory),
                        "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--threads", str(args.threads)]
                 done = subprocess.run(cmd, capture_output=True, text=True)
@@ -186,26 +213,24 @@ def main(argv: list[str] | None = None) -> int:
                 figures[impl] = json.loads(done.stdout.strip().splitlines()[-1])
                 if not args.json:
                     print(f"{shape} {impl}: {figures[impl]}", file=sys.stderr)
-            ours, ref = figures["ours"], figures["transformers"]
-            figures["ratios"] = {
-                "decode_b1_speedup": ours["decode_b1_tok_s"] / ref["decode_b1_tok_s"],
-                "decode_b8_speedup": ours["decode_b8_tok_s"] / ref["decode_b8_tok_s"],
-                "prefill_1_tile_speedup": ref["prefill_1_tile_s"] / ours["prefill_1_tile_s"],
-                "prefill_5_tiles_speedup": ref["prefill_5_tiles_s"] / ours["prefill_5_tiles_s"],
-                "peak_rss_ratio": ours["peak_rss_mib"] / ref["peak_rss_mib"],
-            }
+            for impl in [i for i in IMPLS[1:] if i in figures]:
+                figures[f"ratios-{impl}" if impl != "ours" else "ratios"] = ratios(figures[impl],
+                                                                                  figures["transformers"])
             report["shapes"][shape] = figures
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(f"{'shape':6} {'metric':24} {'transformers':>13} {'smolvlm':>10} {'ratio':>7}")
+        print(f"{'shape':6} {'metric':24} {'transformers':>13} {'smolvlm':>10} {'ratio':>7} {'compiled':>10} {'ratio':>7}")
         for shape, f in report["shapes"].items():
             for key, ratio_key in [("prefill_1_tile_s", "prefill_1_tile_speedup"), ("prefill_5_tiles_s", "prefill_5_tiles_speedup"),
                                    ("decode_b1_tok_s", "decode_b1_speedup"), ("decode_b8_tok_s", "decode_b8_speedup"),
                                    ("peak_rss_mib", "peak_rss_ratio")]:
-                print(f"{shape:6} {key:24} {f['transformers'][key]:13.2f} {f['ours'][key]:10.2f} {f['ratios'][ratio_key]:7.2f}x")
+                line = f"{shape:6} {key:24} {f['transformers'][key]:13.2f} {f['ours'][key]:10.2f} {f['ratios'][ratio_key]:7.2f}x"
+                if "ours-compiled" in f:
+                    line += f" {f['ours-compiled'][key]:10.2f} {f['ratios-ours-compiled'][ratio_key]:7.2f}x"
+                print(line)
         print(f"wrote {args.out}")
     return 0
 

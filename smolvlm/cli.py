@@ -30,6 +30,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="checkpoint folder, hub id, .gguf file, 'smollm2' or 'demo' (default)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
+    parser.add_argument("--compile", action="store_true",
+                        help="decode through torch.compile: faster per token after seconds of compiling")
 
 
 def _add_generation_options(parser: argparse.ArgumentParser) -> None:
@@ -52,7 +54,7 @@ def _generation_options(args: argparse.Namespace) -> dict[str, Any]:
 def _load(args: argparse.Namespace):
     from smolvlm.api import load
 
-    vlm = load(args.model, device=args.device, dtype=args.dtype)
+    vlm = load(args.model, device=args.device, dtype=args.dtype, compile=args.compile)
     if getattr(args, "longest_edge", None) and vlm.supports_images:
         vlm.processor = vlm.processor.with_image_config(longest_edge=args.longest_edge)
     return vlm

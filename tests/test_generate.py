@@ -100,3 +100,39 @@ def test_bad_options_and_context_overflow(pair):
     ids = torch.ones(1, 4, dtype=torch.long)
     with pytest.raises(GenerationError, match="context"):
         engine.generate(ids, torch.ones_like(ids), [GenerationConfig(max_new_tokens=10**6)])
+
+
+def _rows_with_modes(model, config, ids, mask, max_new: list[int], step_mode: str, **vision) -> list[list[int]]:
+    engine = Engine(model, lambda t: " ".join(map(str, t)), [_eos(config)], step_mode=step_mode)
+    configs = [GenerationConfig(max_new_tokens=n) for n in max_new]
+    return [r.token_ids for r in engine.generate(ids, mask, configs, **vision)]
+
+
+def test_static_steps_equal_eager_steps_as_rows_leave(pair):
+    config, _, ours = pair
+    gen = torch.Generator().manual_seed(11)
+    rows = [torch.randint(1, config.image_token_id - 1, (n,), generator=gen) for n in (4, 11, 7)]
+    ids, mask = left_pad(rows)
+    max_new = [5, NEW, 8]  # rows leave the batch (and the cache) at different steps
+    eager = _rows_with_modes(ours, config, ids, mask, max_new, "eager")
+    assert [len(r) for r in eager] == max_new
+    assert _rows_with_modes(ours, config, ids, mask, max_new, "static") == eager
+
+
+def test_compiled_steps_equal_eager_steps(pair):
+    config, _, ours = pair
+    if config.vision.patch_size != 16:
+        pytest.skip("one family is enough for the compiled step (compiling costs seconds)")
+    ids = image_prompt(config, tiles=2, text_before=3, text_after=4, seed=4)[None].repeat(2, 1)
+    pixels, pixel_mask = random_tiles(config, [2, 2], seed=6)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # a left-padded second row
+    vision = dict(pixel_values=pixels, pixel_attention_mask=pixel_mask)
+    eager = _rows_with_modes(ours, config, ids, mask, [NEW, NEW], "eager", **vision)
+    assert _rows_with_modes(ours, config, ids, mask, [NEW, NEW], "compiled", **vision) == eager
+
+
+def test_unknown_step_mode_is_refused(pair):
+    config, _, ours = pair
+    with pytest.raises(GenerationError, match="step_mode"):
+        Engine(ours, str, [_eos(config)], step_mode="graphs")

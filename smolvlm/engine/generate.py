@@ -111,15 +111,27 @@ class StreamPiece:
     finish_reason: str | None = None
 
 
+STEP_MODES = ("eager", "static", "compiled")
+
+
 class Engine:
     """Generates from a SmolVLM (or a text-only CausalLM) given already-processed input tensors."""
 
-    def __init__(self, model: torch.nn.Module, decode: Callable[[list[int]], str], eos_token_ids: Sequence[int]):
+    def __init__(self, model: torch.nn.Module, decode: Callable[[list[int]], str], eos_token_ids: Sequence[int],
+                 step_mode: str = "eager"):
+        """`step_mode`: "eager" (decode attends over the cached prefix), "static" (fixed shapes: whole-cache
+        attention under a mask) or "compiled" (the static step through torch.compile; compiles per batch size)."""
+        if step_mode not in STEP_MODES:
+            raise GenerationError(f"step_mode must be one of {', '.join(STEP_MODES)}, got {step_mode!r}")
         self.model = model
         self.decode = decode
         self.eos_token_ids = set(int(i) for i in eos_token_ids)
         self.text_config = model.config.text if hasattr(model.config, "text") else model.config
         self.is_vlm = hasattr(model, "encode_images")
+        self.step_mode = step_mode
+        self._static_step = self._static_logits
+        if step_mode == "compiled":
+            self._static_step = torch.compile(self._static_logits, fullgraph=True, dynamic=False)
 
     @property
     def device(self) -> torch.device:
@@ -137,6 +149,24 @@ class Engine:
             out = self.model(input_ids, attention_mask, cache=cache, logits_to_keep=1, **vision)
             return out.logits[:, -1]
         return self.model(input_ids, attention_mask, cache=cache, logits_to_keep=1)[:, -1]
+
+    def _static_logits(self, tokens: torch.Tensor, valid: torch.Tensor, position_ids: torch.Tensor,
+                       cache_position: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One static-shape decode step: tokens (B, 1), valid (B, max_len) -> next-token logits (B, V)."""
+        out = self.model(tokens, valid, cache=cache, position_ids=position_ids, cache_position=cache_position)
+        return (out.logits if self.is_vlm else out)[:, -1]
+
+    def _decode_logits(self, tokens: torch.Tensor, mask: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits (B', V) after feeding one token per row; `mask` (B', max_len) has every written column set."""
+        if self.step_mode == "eager":
+            return self._logits(tokens, mask[:, : cache.length + 1], cache)
+        position = cache.length
+        position_ids = mask[:, :position].sum(-1, keepdim=True)  # (B', 1): attended tokens before this one
+        mask[:, position] = 1
+        cache_position = torch.tensor([position], device=tokens.device)
+        logits = self._static_step(tokens, mask, position_ids, cache_position, cache)
+        cache.advance(1)
+        return logits
 
     def stream(
         self,
@@ -168,7 +198,9 @@ class Engine:
                 vision["pixel_attention_mask"] = pixel_attention_mask.to(device)
 
         cache = KVCache.for_config(self.text_config, B, T + max_new, dtype=self.dtype, device=device)
-        mask = torch.cat([attention_mask, attention_mask.new_ones(B, max_new)], dim=1)  # (B, T + max_new)
+        # (B, T + max_new): eager steps slice the written prefix of all ones; static steps set each column as written
+        future = attention_mask.new_ones(B, max_new) if self.step_mode == "eager" else attention_mask.new_zeros(B, max_new)
+        mask = torch.cat([attention_mask, future], dim=1)
         start = time.perf_counter()
         with torch.inference_mode():
             logits = self._logits(input_ids, attention_mask, cache, **vision)  # (B, V)
@@ -198,7 +230,7 @@ class Engine:
                     mask = mask[keep]
                     active = [active[s] for s in keep]
                 tokens = torch.tensor([next_tokens[s] for s in keep], device=device)[:, None]  # (B', 1)
-                logits = self._logits(tokens, mask[:, : T + step + 1], cache)
+                logits = self._decode_logits(tokens, mask, cache)
                 elapsed = time.perf_counter() - step_start
                 for r in active:
                     rows[r].decode_seconds += elapsed

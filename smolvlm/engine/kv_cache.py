@@ -31,9 +31,10 @@ class KVCache:
         if batch_size < 1 or max_len < 1:
             raise GenerationError(f"KVCache needs batch_size >= 1 and max_len >= 1, got {batch_size} and {max_len}")
         shape = (batch_size, num_kv_heads, max_len, head_dim)
-        # Never read beyond `length`, so uninitialised memory is fine.
-        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # Zeros, not empty: static-shape decoding attends over the whole buffer with unwritten columns masked, and
+        # a masked NaN from uninitialised memory would still poison the output (0 * NaN = NaN).
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.max_len = max_len
         self.length = 0  # tokens stored so far (the write position)
 
@@ -74,6 +75,15 @@ class KVCache:
         key_buf[:, :, self.length : end] = k
         value_buf[:, :, self.length : end] = v
         return key_buf[:, :, :end], value_buf[:, :, :end]  # (B, kv_heads, end, hd) each
+
+    def write(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, cache_position: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Static-shape update: write (B, kv_heads, T, hd) at the positions of the (T,) tensor `cache_position` and
+        return the whole buffers. No Python-side position is read, so the step compiles / graph-captures once."""
+        self.keys[layer].index_copy_(2, cache_position, k)
+        self.values[layer].index_copy_(2, cache_position, v)
+        return self.keys[layer], self.values[layer]  # (B, kv_heads, max_len, hd) each
 
     def advance(self, n: int) -> None:
         """Commit `n` tokens written by the last forward (the decoder calls this after its last layer)."""

@@ -109,19 +109,21 @@ class SmolVLM(nn.Module):
         image_features: torch.Tensor | None = None,
         logits_to_keep: int = 0,
         logits_mask: torch.Tensor | None = None,
+        cache_position: torch.Tensor | None = None,
     ) -> SmolVLMOutput:
         """input_ids (B, T) [+ pixel_values or precomputed image_features] -> SmolVLMOutput with logits (B, T, V).
 
         `attention_mask` is (B, cached + T), 1 = attend. With `logits_to_keep=n > 0` only the last n positions get
         logits (prefill for generation needs one); with `logits_mask` ((B, T) bool) only the masked positions do,
-        flattened to (N, V) (training needs logits only where there is a label).
+        flattened to (N, V) (training needs logits only where there is a label). `cache_position` selects
+        static-shape decoding (see TextDecoder.forward).
         """
         if pixel_values is not None and image_features is not None:
             raise PromptError("pass either pixel_values or image_features, not both")
         if pixel_values is not None:
             image_features = self.encode_images(pixel_values, pixel_attention_mask)
         embeds = self.embed(input_ids, image_features)
-        hidden = self.text_model(embeds, attention_mask, position_ids, cache)  # (B, T, D)
+        hidden = self.text_model(embeds, attention_mask, position_ids, cache, cache_position)  # (B, T, D)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         if logits_mask is not None:

@@ -86,15 +86,21 @@ class Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         mask: torch.Tensor | None,
         cache: KVCache | None,
+        cache_position: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (B, T, D) -> (B, T, D); `mask` is a boolean (B, 1, T, S) or None for plain causal attention."""
+        """x (B, T, D) -> (B, T, D); `mask` is a boolean (B, 1, T, S) or None for plain causal attention.
+
+        With `cache_position` ((T,) tensor) the keys/values go to those cache columns and attention covers the
+        whole cache buffer under `mask` (static shapes, see TextDecoder.forward)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
         cos, sin = rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:
+        if cache_position is not None:
+            k, v = cache.write(self.layer_idx, k, v, cache_position)  # (B, KV, max_len, hd)
+        elif cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, KV, S, hd) with S = past + T
         if T == 1:
             # Decode: one query sees every cached key, so no causal mask. The query heads that share a kv head
@@ -142,9 +148,10 @@ class DecoderLayer(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         mask: torch.Tensor | None,
         cache: KVCache | None,
+        cache_position: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(B, T, D) -> (B, T, D)."""
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, cache_position)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -194,8 +201,16 @@ class TextDecoder(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        cache_position: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """inputs_embeds (B, T, D), attention_mask (B, past+T) with 1 = attend -> hidden states (B, T, D)."""
+        """inputs_embeds (B, T, D), attention_mask (B, past+T) with 1 = attend -> hidden states (B, T, D).
+
+        Static-shape decoding (`cache_position` given, for torch.compile and CUDA graphs): one new token per row
+        written at cache column `cache_position` ((1,) tensor); `attention_mask` then spans the whole cache
+        (B, max_len) with 1 on every written column including this one, `position_ids` (B, 1) is required, and
+        the caller advances the cache, so nothing here depends on Python-side state."""
+        if cache_position is not None:
+            return self._static_step(inputs_embeds, attention_mask, position_ids, cache, cache_position)
         B, T, _ = inputs_embeds.shape
         past = cache.length if cache is not None else 0
         if attention_mask is not None and attention_mask.shape != (B, past + T):
@@ -215,6 +230,25 @@ class TextDecoder(nn.Module):
             x = layer(x, rope, mask, cache)
         if cache is not None:
             cache.advance(T)
+        return self.norm(x)
+
+    def _static_step(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        cache: KVCache | None,
+        cache_position: torch.Tensor,
+    ) -> torch.Tensor:
+        if cache is None or attention_mask is None or position_ids is None or inputs_embeds.shape[1] != 1:
+            raise GenerationError(
+                "static decoding takes one token per row with a cache, a whole-cache attention_mask and position_ids"
+            )
+        rope = self.rotary(position_ids, inputs_embeds.dtype)
+        mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, max_len)
+        x = inputs_embeds
+        for layer in self.layers:
+            x = layer(x, rope, mask, cache, cache_position)
         return self.norm(x)
 
 
@@ -240,9 +274,11 @@ class CausalLM(nn.Module):
         cache: KVCache | None = None,
         position_ids: torch.Tensor | None = None,
         logits_to_keep: int = 0,
+        cache_position: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, V); with logits_to_keep=n > 0 only the last n positions."""
-        hidden = self.model(self.model.embed_tokens(input_ids), attention_mask, position_ids, cache)  # (B, T, D)
+        embeds = self.model.embed_tokens(input_ids)  # (B, T, D)
+        hidden = self.model(embeds, attention_mask, position_ids, cache, cache_position)  # (B, T, D)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         return self.lm_head(hidden)
