@@ -1,28 +1,28 @@
 #!/usr/bin/env bash
 # Reproduce the shipped demo model (smolvlm/assets/demo/) from scratch with fixed seeds:
 #   synthetic data -> untrained base (SmolLM2-135M GGUF + random vision tower)
-#   -> stage 1 `smolvlm train --objective scene`: the vision tower learns what is where from the scenes' own labels
-#   -> stage 2 `smolvlm train`: connector in full, LoRA on the language model, the vision tower at a low rate,
-#      on the answers
+#   -> stage 1 `smolvlm train --objective scene`: the vision tower learns what is where from the scenes' own labels,
+#      the connector learns to turn each region into the word embeddings of what it shows
+#   -> stage 2 `smolvlm train` on the answers: LoRA on the language model, the connector at a low rate
 #   -> export (vision/connector, LoRA) -> `smolvlm eval` of the demo as users get it -> manifest.
 # Usage: scripts/train_demo.sh [WORK_DIR]   (env: SEED, STEPS1, STEPS2, BATCH, N_TRAIN, N_EVAL, THREADS)
 # Steps already done (data written, a stage's final/ folder present) are skipped, so a stopped run can be rerun.
 set -euo pipefail
 WORK=${1:-runs/demo}
 SEED=${SEED:-0}
-STEPS1=${STEPS1:-800}
-STEPS2=${STEPS2:-700}
+STEPS1=${STEPS1:-600}
+STEPS2=${STEPS2:-650}
 BATCH=${BATCH:-8}
 N_TRAIN=${N_TRAIN:-6000}
 N_EVAL=${N_EVAL:-280}
 export OMP_NUM_THREADS=${THREADS:-2}
 TRAIN_TASKS="colour=1,exists=1,count=1.5,spatial=1,ocr=1.5,grounding=0.5,chart=1.5"
 EVAL_TASKS="colour,exists,count,spatial,ocr,grounding,chart"
-STAGE1=(--objective scene --vision full --lr 1e-3 --weight-decay 0.05 --warmup-steps 30 --min-lr-ratio 0.05
+STAGE1=(--objective scene --vision full --connector full --lr 1e-3 --weight-decay 0.05 --warmup-steps 30 --min-lr-ratio 0.05
         --batch-size 32 --max-steps "$STEPS1" --eval-data "$WORK/data/eval.jsonl" --eval-batch-size 32 --seed "$SEED"
         --log-every 10)
-STAGE2=(--vision full --vision-lr 1e-4 --connector full --text lora --lora-r 16 --lora-alpha 32 --lr 1e-3
-        --text-lr 3e-4 --warmup-steps 20 --min-lr-ratio 0.1 --max-steps "$STEPS2" --batch-size "$BATCH"
+STAGE2=(--vision frozen --connector full --connector-lr 5e-5 --text lora --lora-r 16 --lora-alpha 32 --lr 5e-4
+        --warmup-steps 20 --min-lr-ratio 0.1 --max-steps "$STEPS2" --batch-size "$BATCH"
         --seed "$SEED" --save-every 50 --keep-last 1 --log-every 1 --no-tensorboard --resume)
 start=$(date +%s)
 mkdir -p "$WORK"

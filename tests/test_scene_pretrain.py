@@ -13,9 +13,11 @@ from safetensors.torch import load_file
 from smolvlm.errors import ConfigError, DataError
 from smolvlm.train import synthetic
 from smolvlm.train.commands import train_main
+from smolvlm.model.connector import pixel_shuffle
 from smolvlm.train.scene_labels import (
-    CHAR_CLASSES, CHARACTERS, N_CLASSES, SHAPE_CLASSES, instance_map, patch_targets,
+    CHAR_CLASSES, CHARACTERS, N_CLASSES, SHAPE_CLASSES, SIGN_CLASS, class_phrases, instance_map, patch_targets,
 )
+from smolvlm.train.scene_pretrain import token_words
 from smolvlm.train.synthetic import COLOURS, SHAPES, render_scene
 from smolvlm.train.trainer import TrainConfig, train
 from test_trainer import synthetic_set, trainable_checkpoint
@@ -72,14 +74,15 @@ def test_patch_targets_summarise_the_map():
         patch_targets(scene, 24)
 
 
-def test_scene_stage_trains_only_the_vision_tower(tmp_path):
+@pytest.mark.parametrize("connector", ["frozen", "full"])
+def test_scene_stage_trains_the_vision_tower_and_aligns_the_connector(tmp_path, connector):
     torch.set_num_threads(1)
     ckpt = trainable_checkpoint(tmp_path / "ckpt")
     data = synthetic_set(tmp_path / "data", 48, tasks="colour,count,ocr,chart")
     out = tmp_path / "scene"
     metrics = train(TrainConfig(objective="scene", model=str(ckpt), data=str(data), out=str(out), vision="full",
-                                lr=3e-3, max_steps=40, batch_size=16, warmup_steps=2, eval_data=str(data),
-                                progress=False))
+                                connector=connector, lr=3e-3, max_steps=40, batch_size=16, warmup_steps=2,
+                                eval_data=str(data), progress=False))
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     first, last = log[0], [r for r in log if "class_ce" in r][-1]
     assert last["step"] == 40
@@ -88,7 +91,13 @@ def test_scene_stage_trains_only_the_vision_tower(tmp_path):
     before, after = load_file(str(ckpt / "model.safetensors")), load_file(str(out / "final" / "model.safetensors"))
     assert before.keys() == after.keys()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed and all(k.startswith("model.vision_model.") for k in changed)
+    parts = ("model.vision_model.", "model.connector.") if connector == "full" else ("model.vision_model.",)
+    assert changed and all(k.startswith(parts) for k in changed)
+    assert any(k.startswith("model.connector.") for k in changed) == (connector == "full")
+    if connector == "full":
+        assert last["align"] < 0.5 * first["align"]
+    else:
+        assert "align" not in last
     assert (out / "final" / "processor_config.json").is_file()
 
 
@@ -111,3 +120,27 @@ def test_scene_stage_errors(tmp_path, capsys):
     with pytest.raises(ConfigError, match="one unresized tile"):
         train(TrainConfig(objective="scene", model=str(ckpt), data=str(data), out=str(tmp_path / "o"),
                           vision="full", max_steps=1, batch_size=2, progress=False))
+
+
+def test_token_words_follow_the_connector_token_order():
+    side, scale = 8, 2
+    index = torch.arange(side * side, dtype=torch.float32)[None, :, None]  # (1, P, 1): each patch's own index
+    tokens = pixel_shuffle(index, scale)[0]  # (T, s²): the patches folded into each token, connector order
+    for t, patches in enumerate(tokens.long().tolist()):
+        classes = torch.zeros(1, side * side, N_CLASSES)
+        classes[0, :, 0] = 1.0
+        for p in patches:  # a red circle covering exactly token t's region
+            classes[0, p] = 0.0
+            classes[0, p, SHAPE_CLASSES] = 1.0
+        words = token_words(classes, scale)[0]  # (T, C)
+        assert words[t].nonzero().flatten().tolist() == [SHAPE_CLASSES]
+        assert all(words[u].nonzero().flatten().tolist() == [0] for u in range(len(tokens)) if u != t)
+
+
+def test_token_words_prefer_specific_things_and_keep_several():
+    classes = torch.zeros(1, 4, N_CLASSES)  # one token of 2 x 2 patches
+    classes[0, :, SIGN_CLASS] = 0.9
+    classes[0, 0, CHAR_CLASSES] = classes[0, 1, CHAR_CLASSES + 1] = 0.1  # "A" and "B" on a sign
+    classes[0, 2:, 0] = 0.1
+    words = token_words(classes, 2)[0, 0]
+    assert [class_phrases()[i] for i in words.nonzero().flatten().tolist()] == [" A", " B"]

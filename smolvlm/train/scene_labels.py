@@ -31,6 +31,18 @@ N_CLASSES = AXIS_CLASS + 1
 COLOUR_NAMES = list(COLOURS)
 
 
+def class_phrases() -> list[str]:
+    """A short text for every class (index = class id): what the class's pixels show, in words."""
+    phrases = [" background"]
+    phrases += [f" {colour} {shape}" for shape in SHAPES for colour in COLOURS]
+    phrases += [" sign"]
+    phrases += [f" {c}" if c.isalpha() else c for c in CHARACTERS]
+    phrases += [f" {colour} bar" for colour in COLOURS]
+    phrases += [" axis"]
+    assert len(phrases) == N_CLASSES
+    return phrases
+
+
 @dataclass
 class Instance:
     """One labelled thing in a scene: its class, its box (x0, y0, x1, y1; exclusive) and whether it is countable."""

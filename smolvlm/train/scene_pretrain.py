@@ -4,9 +4,16 @@ A vision tower trained from scratch only through a frozen language model's answe
 (one short answer per picture) and tends to collapse to image-independent features. Synthetic pictures come with
 their scene, so every patch has an exact label (`scene_labels.py`). This stage trains the vision tower with three
 small linear heads on the patch features: the patch's class histogram (soft cross-entropy), the box of the thing
-covering it (L1) and whether a countable thing's centre lies in it (binary cross-entropy). The heads are thrown
-away; the checkpoint written to OUT/final is the input checkpoint with the new vision tower, ready for a
-language-model stage (`--objective lm`) that trains the connector (and LoRA) on the answers.
+covering it (L1) and whether a countable thing's centre lies in it (binary cross-entropy).
+
+When the connector trains too (`--connector full`), each image token is also pulled towards words: the token's
+target is the sum of the language model's embeddings (token means) of the phrases of what its region shows
+(" red circle", " A", " sign", " background"; see `token_words`), so the language model starts out reading image
+tokens almost like text. Learning
+that alignment through the language model's answer loss alone took far more steps than a CPU run affords.
+
+The heads are thrown away; OUT/final is the input checkpoint with the new vision tower (and connector), ready for a
+language-model stage (`--objective lm`) on the answers.
 """
 
 from __future__ import annotations
@@ -28,11 +35,13 @@ from torch import nn
 from smolvlm.errors import ConfigError, DataError
 from smolvlm.processing import Processor
 from smolvlm.processing.image import batch_tiles, split_image
-from smolvlm.train.scene_labels import N_CLASSES, patch_targets
+from smolvlm.train.scene_labels import AXIS_CLASS, N_CLASSES, SIGN_CLASS, class_phrases, patch_targets
 from smolvlm.train.synthetic import render_scene
 from smolvlm.weights.checkpoint import load_smolvlm
 
 log = logging.getLogger("smolvlm.train")
+MIN_SHARE = 0.02  # of a token's pixels: enough for it to name the thing there
+ALIGN_WEIGHT = 1.0  # relative squared error of the image tokens against their phrase embeddings
 BOX_WEIGHT = 5.0  # box coordinates are in [0, 1]: L1 errors are small next to the class cross-entropy
 CENTRE_POS_WEIGHT = 10.0  # about one patch in ten holds a centre
 
@@ -108,8 +117,45 @@ class SceneBatches:
                 "has_box": stack("has_box"), "centres": stack("centres")}
 
 
+def phrase_embeddings(model: nn.Module, processor: Processor) -> torch.Tensor:
+    """(N_CLASSES, D): the mean input embedding of each class phrase's tokens."""
+    table = model.text_model.embed_tokens.weight.detach()  # (V, D)
+    rows = []
+    for phrase in class_phrases():
+        ids = processor.tokenizer.encode(phrase, add_special_tokens=False)
+        rows.append(table[torch.tensor(ids, device=table.device)].mean(0))
+    return torch.stack(rows)  # (C, D)
+
+
+def token_words(classes: torch.Tensor, scale: int) -> torch.Tensor:
+    """Patch class shares (N, P, C) -> which class phrases each image token should say (N, P / s², C) in {0, 1}.
+
+    A token says every specific thing (shape, character, bar) covering MIN_SHARE of its region: a bag of words,
+    so two objects in one region both show. With none, it says the generic things there (sign plate, axis) under
+    the same rule, else "background". Pixel-share blends would mostly say "background", since objects cover a
+    fraction of a token's region.
+    """
+    N, P, C = classes.shape
+    side = int(P**0.5)
+    grid = classes.view(N, side, side, C).permute(0, 3, 1, 2)  # (N, C, side, side)
+    shares = F.avg_pool2d(grid, scale).flatten(2).transpose(1, 2)  # (N, T, C): row-major, like pixel_shuffle
+    generic = torch.zeros(C, dtype=torch.bool, device=classes.device)
+    generic[[SIGN_CLASS, AXIS_CLASS]] = True
+    specific = (shares >= MIN_SHARE) & ~generic
+    specific[..., 0] = False
+    general = (shares >= MIN_SHARE) & generic & ~specific.any(-1, keepdim=True)
+    words = specific | general
+    words[..., 0] = ~words.any(-1)  # nothing named: background
+    return words.float()
+
+
+def align_loss(tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Squared error of image tokens against their targets, relative to the targets' own energy."""
+    return (tokens.float() - targets).pow(2).mean() / targets.pow(2).mean()
+
+
 def scene_losses(heads: SceneHeads, patches: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The three losses (means over patches) and the patch accuracy of the dominant class."""
+    """The three patch losses (means over patches) and the patch accuracy of the dominant class."""
     class_logits, boxes, centre_logits = heads(patches)
     log_probs = class_logits.float().log_softmax(-1)  # (N, P, C)
     classes = batch["classes"]
@@ -121,6 +167,30 @@ def scene_losses(heads: SceneHeads, patches: torch.Tensor, batch: dict[str, torc
     accuracy = (log_probs.argmax(-1) == classes.argmax(-1)).float().mean()
     return {"loss": cls + BOX_WEIGHT * box_l1 + centre, "class_ce": cls, "box_l1": box_l1, "centre_bce": centre,
             "class_acc": accuracy}
+
+
+class Alignment:
+    """The connector and the phrase embeddings its image tokens are pulled towards."""
+
+    def __init__(self, model: nn.Module, processor: Processor) -> None:
+        self.connector = model.connector
+        self.scale = model.config.scale_factor
+        self.phrases = phrase_embeddings(model, processor)  # (C, D)
+
+    def loss(self, patches: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """Patch features (N, P, Dv) and class shares (N, P, C) -> the alignment loss."""
+        return align_loss(self.connector(patches), token_words(classes, self.scale) @ self.phrases)
+
+
+def scene_stage_losses(vision: nn.Module, heads: SceneHeads, align: Alignment | None,
+                       batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Patch losses, plus the alignment loss of the image tokens when the connector trains."""
+    patches = vision(batch["pixel_values"])  # (N, P, Dv)
+    losses = scene_losses(heads, patches, batch)
+    if align is not None:
+        losses["align"] = align.loss(patches, batch["classes"])
+        losses["loss"] = losses["loss"] + ALIGN_WEIGHT * losses["align"]
+    return losses
 
 
 def train_scene(config: Any) -> dict[str, Any]:
@@ -140,6 +210,10 @@ def train_scene(config: Any) -> dict[str, Any]:
     vision = model.vision_model
     heads = SceneHeads(model.config.vision.hidden_size).to(device)
     params = [p for p in vision.parameters()] + list(heads.parameters())
+    align = None
+    if config.connector != "frozen":
+        params += list(model.connector.parameters())
+        align = Alignment(model, processor)
     lr = config.vision_lr or config.lr
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay,
                                   betas=(config.beta1, config.beta2))
@@ -176,7 +250,7 @@ def train_scene(config: Any) -> dict[str, Any]:
             factor = lr_factor(step, config.warmup_steps, config.max_steps, config.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr * factor
-            losses = scene_losses(heads, vision(batch["pixel_values"]), batch)
+            losses = scene_stage_losses(vision, heads, align, batch)
             losses["loss"].backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip or float("inf"))
             optimizer.step()
@@ -195,7 +269,8 @@ def train_scene(config: Any) -> dict[str, Any]:
         bar.close()
         pool.shutdown(wait=True, cancel_futures=True)
         if eval_scenes:
-            metrics["eval"] = evaluate_scenes(vision, heads, make_batch, eval_scenes, config.eval_batch_size, device)
+            metrics["eval"] = evaluate_scenes(vision, heads, align, make_batch, eval_scenes, config.eval_batch_size,
+                                              device)
             log_file.write(json.dumps({"step": config.max_steps, "eval": metrics["eval"]}) + "\n")
     vision.eval()
     save_run_folder(model, processor, config.model, out / "final")
@@ -203,8 +278,8 @@ def train_scene(config: Any) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def evaluate_scenes(vision: nn.Module, heads: SceneHeads, make_batch: SceneBatches, scenes: list[dict[str, Any]],
-                    batch_size: int, device: torch.device) -> dict[str, float]:
+def evaluate_scenes(vision: nn.Module, heads: SceneHeads, align: "Alignment | None", make_batch: SceneBatches,
+                    scenes: list[dict[str, Any]], batch_size: int, device: torch.device) -> dict[str, float]:
     """Mean losses and patch accuracy over held-out scenes."""
     was_training = vision.training
     vision.eval()
@@ -212,7 +287,7 @@ def evaluate_scenes(vision: nn.Module, heads: SceneHeads, make_batch: SceneBatch
     for i in range(0, len(scenes), batch_size):
         chunk = scenes[i : i + batch_size]
         batch = {k: v.to(device) for k, v in make_batch(chunk).items()}
-        for key, value in scene_losses(heads, vision(batch["pixel_values"]), batch).items():
+        for key, value in scene_stage_losses(vision, heads, align, batch).items():
             totals[key] = totals.get(key, 0.0) + float(value) * len(chunk)
     vision.train(was_training)
     return {k: v / len(scenes) for k, v in totals.items()}
