@@ -164,7 +164,7 @@ def test_shape_pixels_fill_exactly_their_box():
         side, x, y = rng.randint(8, 60), rng.randint(0, 60), rng.randint(0, 60)
         for shape in syn.SHAPES:
             canvas = Image.new("L", (128, 128), 0)
-            syn._draw_object(ImageDraw.Draw(canvas), {"shape": shape, "box": [x, y, x + side, y + side], "rgb": [255]})
+            syn.draw_object(ImageDraw.Draw(canvas), {"shape": shape, "box": [x, y, x + side, y + side], "rgb": [255]})
             assert list(canvas.getbbox()) == [x, y, x + side, y + side], shape
 
 
