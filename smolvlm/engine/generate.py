@@ -199,7 +199,7 @@ class Engine:
 
         cache = KVCache.for_config(self.text_config, B, T + max_new, dtype=self.dtype, device=device)
         # (B, T + max_new): eager steps slice the written prefix of all ones; static steps set each column as written
-        future = attention_mask.new_ones(B, max_new) if self.step_mode == "eager" else attention_mask.new_zeros(B, max_new)
+        future = (attention_mask.new_ones if self.step_mode == "eager" else attention_mask.new_zeros)(B, max_new)
         mask = torch.cat([attention_mask, future], dim=1)
         start = time.perf_counter()
         with torch.inference_mode():

@@ -19,7 +19,6 @@ language-model stage (`--objective lm`) on the answers.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import random
 import time
@@ -39,7 +38,6 @@ from smolvlm.train.scene_labels import AXIS_CLASS, N_CLASSES, SIGN_CLASS, class_
 from smolvlm.train.synthetic import render_scene
 from smolvlm.weights.checkpoint import load_smolvlm
 
-log = logging.getLogger("smolvlm.train")
 MIN_SHARE = 0.02  # of a token's pixels: enough for it to name the thing there
 ALIGN_WEIGHT = 1.0  # relative squared error of the image tokens against their phrase embeddings
 BOX_WEIGHT = 5.0  # box coordinates are in [0, 1]: L1 errors are small next to the class cross-entropy
