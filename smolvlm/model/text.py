@@ -209,46 +209,31 @@ class TextDecoder(nn.Module):
         written at cache column `cache_position` ((1,) tensor); `attention_mask` then spans the whole cache
         (B, max_len) with 1 on every written column including this one, `position_ids` (B, 1) is required, and
         the caller advances the cache, so nothing here depends on Python-side state."""
-        if cache_position is not None:
-            return self._static_step(inputs_embeds, attention_mask, position_ids, cache, cache_position)
         B, T, _ = inputs_embeds.shape
-        past = cache.length if cache is not None else 0
-        if attention_mask is not None and attention_mask.shape != (B, past + T):
-            raise GenerationError(
-                f"attention_mask has shape {tuple(attention_mask.shape)}, expected (batch, cached + new) = "
-                f"({B}, {past + T}): it covers every cached token plus this step's, so append a column per step"
-            )
-        if position_ids is None:
-            if attention_mask is None:
-                position_ids = torch.arange(past, past + T, device=inputs_embeds.device)[None].expand(B, T)
-            else:
-                position_ids = position_ids_from_mask(attention_mask, T)
+        if cache_position is not None:
+            if cache is None or attention_mask is None or position_ids is None or T != 1:
+                raise GenerationError("static decoding takes one token per row with a cache, a whole-cache "
+                                      "attention_mask and position_ids")
+            mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, max_len)
+        else:
+            past = cache.length if cache is not None else 0
+            if attention_mask is not None and attention_mask.shape != (B, past + T):
+                raise GenerationError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}, expected (batch, cached + new) = "
+                    f"({B}, {past + T}): it covers every cached token plus this step's, so append a column per step"
+                )
+            if position_ids is None:
+                if attention_mask is None:
+                    position_ids = torch.arange(past, past + T, device=inputs_embeds.device)[None].expand(B, T)
+                else:
+                    position_ids = position_ids_from_mask(attention_mask, T)
+            mask = causal_padding_mask(attention_mask, past, T, inputs_embeds.device)
         rope = self.rotary(position_ids, inputs_embeds.dtype)
-        mask = causal_padding_mask(attention_mask, past, T, inputs_embeds.device)
-        x = inputs_embeds
-        for layer in self.layers:
-            x = layer(x, rope, mask, cache)
-        if cache is not None:
-            cache.advance(T)
-        return self.norm(x)
-
-    def _static_step(
-        self,
-        inputs_embeds: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        position_ids: torch.Tensor | None,
-        cache: KVCache | None,
-        cache_position: torch.Tensor,
-    ) -> torch.Tensor:
-        if cache is None or attention_mask is None or position_ids is None or inputs_embeds.shape[1] != 1:
-            raise GenerationError(
-                "static decoding takes one token per row with a cache, a whole-cache attention_mask and position_ids"
-            )
-        rope = self.rotary(position_ids, inputs_embeds.dtype)
-        mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, max_len)
         x = inputs_embeds
         for layer in self.layers:
             x = layer(x, rope, mask, cache, cache_position)
+        if cache is not None and cache_position is None:  # static steps leave advancing to the caller
+            cache.advance(T)
         return self.norm(x)
 
 
