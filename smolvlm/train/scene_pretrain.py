@@ -193,6 +193,7 @@ def scene_stage_losses(vision: nn.Module, heads: SceneHeads, align: Alignment | 
 
 def train_scene(config: Any) -> dict[str, Any]:
     """Run the scene objective described by a TrainConfig; writes OUT/final and OUT/log.jsonl."""
+    from smolvlm.api import resolve_device
     from smolvlm.train.trainer import lr_factor, save_run_folder
 
     if config.vision == "frozen":
@@ -201,8 +202,7 @@ def train_scene(config: Any) -> dict[str, Any]:
         raise ConfigError("--objective scene is a short single-process stage: it takes no --resume, --fsdp or "
                           "--teacher")
     torch.manual_seed(config.seed)
-    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if config.device == "auto" else config.device))
+    device = resolve_device(config.device)
     processor = Processor.from_pretrained(config.model)
     model = load_smolvlm(config.model, device=device, dtype=torch.float32)
     vision = model.vision_model

@@ -121,12 +121,14 @@ class TrainConfig:
 
     def check(self) -> None:
         """Raise ConfigError on inconsistent settings."""
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if not self.model or not self.data:
             raise ConfigError("train needs --model (a checkpoint folder) and --data (a dataset)")
         for part in PARTS:
             if getattr(self, part) not in POLICIES:
                 raise ConfigError(f"--{part} must be one of {', '.join(POLICIES)}, got {getattr(self, part)!r}")
-        if all(getattr(self, part) == "frozen" for part in PARTS):
+        if self.objective == "lm" and all(getattr(self, part) == "frozen" for part in PARTS):
             raise ConfigError("every part is frozen: set --vision/--connector/--text to lora or full")
         if self.max_steps <= 0 or self.batch_size <= 0:
             raise ConfigError("--max-steps and --batch-size must be positive")
@@ -615,13 +617,10 @@ class Trainer:
 
 def train(config: TrainConfig) -> dict[str, Any]:
     """Build a Trainer (or the scene stage) and run it; returns the last step's metrics."""
-    if config.objective not in OBJECTIVES:
-        raise ConfigError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {config.objective!r}")
+    config.check()
     if config.objective == "scene":
         from smolvlm.train.scene_pretrain import train_scene
 
-        if not config.model or not config.data:
-            raise ConfigError("train needs --model (a checkpoint folder) and --data (a dataset)")
         return train_scene(config)
     trainer = Trainer(config)
     try:
