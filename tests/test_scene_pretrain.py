@@ -107,6 +107,8 @@ def test_scene_stage_errors(tmp_path, capsys):
     common = ["--objective", "scene", "--model", str(ckpt), "--out", str(tmp_path / "o"), "--max-steps", "1"]
     assert train_main([*common, "--data", str(data)]) == 2  # vision frozen by default
     assert "--vision full" in capsys.readouterr().err
+    assert train_main([*common, "--data", str(data), "--vision", "full", "--connector", "lora"]) == 2
+    assert "--connector full or frozen" in capsys.readouterr().err
     plain = tmp_path / "plain.jsonl"
     plain.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
     assert train_main([*common, "--vision", "full", "--data", str(plain)]) == 2

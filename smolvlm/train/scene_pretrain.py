@@ -160,7 +160,7 @@ def scene_losses(heads: SceneHeads, patches: torch.Tensor, batch: dict[str, torc
     has_box = batch["has_box"].float()  # (N, P)
     box_l1 = ((boxes.float() - batch["boxes"]).abs().sum(-1) * has_box).sum() / has_box.sum().clamp(min=1)
     centre = F.binary_cross_entropy_with_logits(centre_logits.float(), batch["centres"],
-                                                pos_weight=torch.tensor(CENTRE_POS_WEIGHT))
+                                                pos_weight=centre_logits.new_tensor(CENTRE_POS_WEIGHT))
     cls = -(classes * log_probs).sum(-1).mean()
     accuracy = (log_probs.argmax(-1) == classes.argmax(-1)).float().mean()
     return {"loss": cls + BOX_WEIGHT * box_l1 + centre, "class_ce": cls, "box_l1": box_l1, "centre_bce": centre,
@@ -196,8 +196,10 @@ def train_scene(config: Any) -> dict[str, Any]:
     from smolvlm.api import resolve_device
     from smolvlm.train.trainer import lr_factor, save_run_folder
 
-    if config.vision == "frozen":
-        raise ConfigError("--objective scene trains the vision tower: set --vision full")
+    if config.vision != "full":
+        raise ConfigError("--objective scene trains the whole vision tower: set --vision full")
+    if config.connector not in ("frozen", "full"):
+        raise ConfigError("--objective scene aligns the whole connector or leaves it: set --connector full or frozen")
     if config.resume or config.fsdp or config.teacher:
         raise ConfigError("--objective scene is a short single-process stage: it takes no --resume, --fsdp or "
                           "--teacher")
