@@ -82,9 +82,9 @@ def run_ours(prompt: dict, new_tokens: int, step_mode: str = "eager") -> tuple[f
     from smolvlm.engine.generate import Engine, GenerationConfig
 
     model = _CACHE["ours"]
-    if (step_mode, id(model)) not in _ENGINES:  # one engine per mode, so a compiled step is compiled once
-        _ENGINES[step_mode, id(model)] = Engine(model, lambda ids: "", eos_token_ids=[], step_mode=step_mode)
-    engine = _ENGINES[step_mode, id(model)]
+    if step_mode not in _ENGINES:  # one engine per mode, so a compiled step is compiled once
+        _ENGINES[step_mode] = Engine(model, lambda ids: "", eos_token_ids=[], step_mode=step_mode)
+    engine = _ENGINES[step_mode]
     batch = prompt["input_ids"].shape[0]
     config = GenerationConfig(max_new_tokens=new_tokens)
     results = engine.generate(
@@ -111,7 +111,7 @@ def run_transformers(prompt: dict, new_tokens: int) -> tuple[float, float]:
 
 
 _CACHE: dict[str, torch.nn.Module] = {}
-_ENGINES: dict[tuple[str, int], object] = {}
+_ENGINES: dict[str, object] = {}  # the worker process loads one model
 IMPLS = ("transformers", "ours", "ours-compiled")
 
 
