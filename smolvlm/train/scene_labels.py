@@ -66,11 +66,9 @@ def _paint_text(ids: np.ndarray, instances: list[Instance], text: str, style: st
     for k, char in enumerate(text):
         end = mask.shape[1] if k == len(text) - 1 else text_mask(text[: k + 1], style, size).width
         if char.upper() in CHARACTERS and end > start:
-            ink = np.zeros_like(mask)
-            ink[:, start:end] = mask[:, start:end]
-            rows, cols = np.nonzero(ink)
+            rows, cols = np.nonzero(mask[:, start:end])  # this character's ink
             if rows.size:
-                ys, xs = rows + top, cols + left
+                ys, xs = rows + top, cols + start + left
                 keep = (ys >= 0) & (ys < H) & (xs >= 0) & (xs < W)
                 instances.append(Instance(CHAR_CLASSES + CHARACTERS.index(char.upper()),
                                           (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)))
