@@ -42,10 +42,11 @@ SCORES = "scores.json"
 SHIPPED_FILES = (TRAINED_WEIGHTS, ADAPTER_CONFIG, ADAPTER_WEIGHTS)  # what the assembled weights depend on
 FORMAT_VERSION = 1  # bump when the assembly itself changes, so caches rebuild
 
-# 256-px single tile, 16-px patches, pixel shuffle 4: a picture is 16 image tokens (cheap for a CPU-trained LM).
+# 256-px single tile, 16-px patches, pixel shuffle 2: a picture is 64 image tokens, one per 32-px region, fine
+# enough that each shape's centre has a token of its own to say its colour and the next one its shape.
 VISION = VisionConfig(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=3,
                       image_size=256, patch_size=16)
-SCALE_FACTOR = 4
+SCALE_FACTOR = 2
 IMAGE_SPECIAL_TOKENS = {"fake_image_token": "<fake_token_around_image>", "image_token": "<image>",
                         "global_image_token": "<global-img>"}
 

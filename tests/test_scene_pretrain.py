@@ -15,9 +15,8 @@ from smolvlm.train import synthetic
 from smolvlm.train.commands import train_main
 from smolvlm.model.connector import pixel_shuffle
 from smolvlm.train.scene_labels import (
-    CHAR_CLASSES, CHARACTERS, N_CLASSES, SHAPE_CLASSES, SIGN_CLASS, class_phrases, instance_map, patch_targets,
+    CHAR_CLASSES, CHARACTERS, N_CLASSES, SHAPE_CLASSES, instance_map, patch_targets, token_word_list, token_words,
 )
-from smolvlm.train.scene_pretrain import token_words
 from smolvlm.train.synthetic import COLOURS, SHAPES, render_scene
 from smolvlm.train.trainer import TrainConfig, train
 from test_trainer import synthetic_set, trainable_checkpoint
@@ -95,9 +94,10 @@ def test_scene_stage_trains_the_vision_tower_and_aligns_the_connector(tmp_path, 
     assert changed and all(k.startswith(parts) for k in changed)
     assert any(k.startswith("model.connector.") for k in changed) == (connector == "full")
     if connector == "full":
-        assert last["align"] < 0.5 * first["align"]
+        assert last["align_mse"] < 0.5 * first["align_mse"] and last["align_ce"] < first["align_ce"]
+        assert last["align_acc"] > first["align_acc"]
     else:
-        assert "align" not in last
+        assert "align_mse" not in last
     assert (out / "final" / "processor_config.json").is_file()
 
 
@@ -124,25 +124,42 @@ def test_scene_stage_errors(tmp_path, capsys):
                           vision="full", max_steps=1, batch_size=2, progress=False))
 
 
-def test_token_words_follow_the_connector_token_order():
+def test_image_tokens_are_row_major_regions_in_connector_order():
     side, scale = 8, 2
     index = torch.arange(side * side, dtype=torch.float32)[None, :, None]  # (1, P, 1): each patch's own index
-    tokens = pixel_shuffle(index, scale)[0]  # (T, s²): the patches folded into each token, connector order
-    for t, patches in enumerate(tokens.long().tolist()):
-        classes = torch.zeros(1, side * side, N_CLASSES)
-        classes[0, :, 0] = 1.0
-        for p in patches:  # a red circle covering exactly token t's region
-            classes[0, p] = 0.0
-            classes[0, p, SHAPE_CLASSES] = 1.0
-        words = token_words(classes, scale)[0]  # (T, C)
-        assert words[t].nonzero().flatten().tolist() == [SHAPE_CLASSES]
-        assert all(words[u].nonzero().flatten().tolist() == [0] for u in range(len(tokens)) if u != t)
+    tokens = pixel_shuffle(index, scale)[0].long()  # (T, s²): the patches folded into each token, connector order
+    grid = side // scale
+    for t, patches in enumerate(tokens.tolist()):
+        row, col = divmod(t, grid)  # token_words' order: regions row by row
+        expected = {(row * scale + i) * side + col * scale + j for i in range(scale) for j in range(scale)}
+        assert set(patches) == expected
 
 
-def test_token_words_prefer_specific_things_and_keep_several():
-    classes = torch.zeros(1, 4, N_CLASSES)  # one token of 2 x 2 patches
-    classes[0, :, SIGN_CLASS] = 0.9
-    classes[0, 0, CHAR_CLASSES] = classes[0, 1, CHAR_CLASSES + 1] = 0.1  # "A" and "B" on a sign
-    classes[0, 2:, 0] = 0.1
-    words = token_words(classes, 2)[0, 0]
-    assert [class_phrases()[i] for i in words.nonzero().flatten().tolist()] == [" A", " B"]
+def _words(scene: dict, token_size: int) -> list[str]:
+    table = token_word_list()
+    return [table[i] for i in token_words(scene, token_size)]
+
+
+def test_token_words_say_colour_then_shape_at_each_centre():
+    scene = {**_scene("colour", 0), "objects": [
+        {"shape": "star", "colour": "green", "rgb": [0, 160, 0], "box": [70, 10, 110, 50]},  # centre (90, 30)
+        {"shape": "circle", "colour": "red", "rgb": [200, 0, 0], "box": [200, 200, 240, 240]},  # centre (220, 220)
+    ]}
+    words = _words(scene, 32)  # an 8 x 8 grid of tokens
+    assert words[0 * 8 + 2: 0 * 8 + 4] == [" green", " star"]
+    assert words[6 * 8 + 6: 6 * 8 + 8] == [" red", " circle"]
+    assert sum(w != " background" for w in words) == 4
+
+
+def test_token_words_keep_the_first_claim_and_read_characters():
+    scene = {**_scene("colour", 0), "objects": [
+        {"shape": "square", "colour": "blue", "rgb": [0, 0, 200], "box": [0, 0, 30, 30]},  # token 0 (+1)
+        {"shape": "diamond", "colour": "black", "rgb": [0, 0, 0], "box": [34, 0, 60, 30]},  # token 1, taken
+    ]}
+    assert _words(scene, 32)[:4] == [" blue", " square", " diamond", " background"]  # black goes unsaid
+    sign = _scene("ocr", 3)
+    said = [w for w in _words(sign, 16) if w != " background"]
+    letters = "".join(c for line in sign["sign"]["lines"] for c in line.upper() if c.isalnum())
+    assert "".join(w.strip() for w in said) == letters  # 16-px tokens: one per character, in reading order
+    with pytest.raises(DataError, match="multiple"):
+        token_words(sign, 48)

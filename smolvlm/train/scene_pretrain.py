@@ -6,11 +6,10 @@ their scene, so every patch has an exact label (`scene_labels.py`). This stage t
 small linear heads on the patch features: the patch's class histogram (soft cross-entropy), the box of the thing
 covering it (L1) and whether a countable thing's centre lies in it (binary cross-entropy).
 
-When the connector trains too (`--connector full`), each image token is also pulled towards words: the token's
-target is the sum of the language model's embeddings (token means) of the phrases of what its region shows
-(" red circle", " A", " sign", " background"; see `token_words`), so the language model starts out reading image
-tokens almost like text. Learning
-that alignment through the language model's answer loss alone took far more steps than a CPU run affords.
+When the connector trains too (`--connector full`), each image token is also pulled towards one word of the
+language model's vocabulary, so the picture reads like text: the tokens at a red circle say " red", " circle", a
+character says itself, the rest " background" (see `scene_labels.token_words`). Learning that alignment through the
+language model's answer loss alone took far more steps than a CPU run affords.
 
 The heads are thrown away; OUT/final is the input checkpoint with the new vision tower (and connector), ready for a
 language-model stage (`--objective lm`) on the answers.
@@ -34,12 +33,12 @@ from torch import nn
 from smolvlm.errors import ConfigError, DataError
 from smolvlm.processing import Processor
 from smolvlm.processing.image import batch_tiles, split_image
-from smolvlm.train.scene_labels import AXIS_CLASS, N_CLASSES, SIGN_CLASS, class_phrases, patch_targets
+from smolvlm.train.scene_labels import N_CLASSES, patch_targets, token_word_list, token_words
 from smolvlm.train.synthetic import render_scene
 from smolvlm.weights.checkpoint import load_smolvlm
 
-MIN_SHARE = 0.02  # of a token's pixels: enough for it to name the thing there
-ALIGN_WEIGHT = 1.0  # relative squared error of the image tokens against their phrase embeddings
+ALIGN_CE_WEIGHT = 1.0  # next to the relative squared error of the image tokens against their words' embeddings
+BACKGROUND_WEIGHT = 0.1  # "background" is ~90% of the tokens; unweighted, the few words that matter went unlearnt
 BOX_WEIGHT = 5.0  # box coordinates are in [0, 1]: L1 errors are small next to the class cross-entropy
 CENTRE_POS_WEIGHT = 10.0  # about one patch in ten holds a centre
 
@@ -88,15 +87,17 @@ def load_scenes(path: str | Path) -> list[dict[str, Any]]:
 class SceneBatches:
     """Rendered, normalised pictures and stacked patch targets for lists of scenes."""
 
-    def __init__(self, processor: Processor, patch_size: int) -> None:
+    def __init__(self, processor: Processor, patch_size: int, scale_factor: int) -> None:
         if processor.image_config is None:
             raise ConfigError("the scene objective needs a checkpoint with an image processor")
         self.config = processor.image_config
         self.patch_size = patch_size
+        self.token_size = patch_size * scale_factor  # pixels per image token's region
 
     def __call__(self, scenes: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """pixel_values (N, 3, H, W) and targets: classes (N, P, C), boxes (N, P, 4), has_box (N, P), centres."""
-        tiles, targets = [], []
+        """pixel_values (N, 3, H, W); patch targets classes (N, P, C), boxes (N, P, 4), has_box, centres (N, P); and
+        the image tokens' word ids (N, T)."""
+        tiles, targets, words = [], [], []
         for scene in scenes:
             image = render_scene(scene)
             cut = split_image(image, self.config)
@@ -106,50 +107,43 @@ class SceneBatches:
                                   f"tile(s) of {cut.tiles[0].shape[1]}x{cut.tiles[0].shape[0]}")
             tiles.append([cut])
             targets.append(patch_targets(scene, self.patch_size))
+            words.append(token_words(scene, self.token_size))
         pixel_values, _ = batch_tiles(tiles, self.config)  # (N, 1, 3, H, W)
 
         def stack(field: str) -> torch.Tensor:
             return torch.from_numpy(np.stack([getattr(t, field) for t in targets]))
 
         return {"pixel_values": pixel_values[:, 0], "classes": stack("classes"), "boxes": stack("boxes"),
-                "has_box": stack("has_box"), "centres": stack("centres")}
+                "has_box": stack("has_box"), "centres": stack("centres"), "words": torch.from_numpy(np.stack(words))}
 
 
-def phrase_embeddings(model: nn.Module, processor: Processor) -> torch.Tensor:
-    """(N_CLASSES, D): the mean input embedding of each class phrase's tokens."""
+def word_embeddings(model: nn.Module, processor: Processor) -> torch.Tensor:
+    """(N_WORDS, D): the input embedding of each of `token_word_list`'s words (SmolLM2 has each as one token;
+    a tokenizer that splits a word gets the mean of its pieces)."""
     table = model.text_model.embed_tokens.weight.detach()  # (V, D)
     rows = []
-    for phrase in class_phrases():
-        ids = processor.tokenizer.encode(phrase, add_special_tokens=False)
-        rows.append(table[torch.tensor(ids, device=table.device)].mean(0))
-    return torch.stack(rows)  # (C, D)
+    for word in token_word_list():
+        pieces = processor.tokenizer.encode(word, add_special_tokens=False)
+        rows.append(table[torch.tensor(pieces, device=table.device)].mean(0))
+    return torch.stack(rows)  # (W, D)
 
 
-def token_words(classes: torch.Tensor, scale: int) -> torch.Tensor:
-    """Patch class shares (N, P, C) -> which class phrases each image token should say (N, P / s², C) in {0, 1}.
-
-    A token says every specific thing (shape, character, bar) covering MIN_SHARE of its region: a bag of words,
-    so two objects in one region both show. With none, it says the generic things there (sign plate, axis) under
-    the same rule, else "background". Pixel-share blends would mostly say "background", since objects cover a
-    fraction of a token's region.
-    """
-    N, P, C = classes.shape
-    side = int(P**0.5)
-    grid = classes.view(N, side, side, C).permute(0, 3, 1, 2)  # (N, C, side, side)
-    shares = F.avg_pool2d(grid, scale).flatten(2).transpose(1, 2)  # (N, T, C): row-major, like pixel_shuffle
-    generic = torch.zeros(C, dtype=torch.bool, device=classes.device)
-    generic[[SIGN_CLASS, AXIS_CLASS]] = True
-    specific = (shares >= MIN_SHARE) & ~generic
-    specific[..., 0] = False
-    general = (shares >= MIN_SHARE) & generic & ~specific.any(-1, keepdim=True)
-    words = specific | general
-    words[..., 0] = ~words.any(-1)  # nothing named: background
-    return words.float()
-
-
-def align_loss(tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Squared error of image tokens against their targets, relative to the targets' own energy."""
-    return (tokens.float() - targets).pow(2).mean() / targets.pow(2).mean()
+def align_losses(tokens: torch.Tensor, words: torch.Tensor, table: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Image tokens (N, T, D) against their word ids (N, T, 0 = background): relative squared error to the words'
+    embeddings; cross-entropy of the tokens' dot products with every word (so each token is nearest its own word),
+    background down-weighted since it is most tokens; and the share of right nearest words, overall and among the
+    tokens that should say something."""
+    tokens = tokens.float()
+    targets = table[words]  # (N, T, D)
+    logits = tokens @ table.T  # (N, T, W)
+    weight = torch.ones(table.shape[0], device=tokens.device)
+    weight[0] = BACKGROUND_WEIGHT
+    right = logits.argmax(-1) == words  # (N, T)
+    said = words != 0
+    return {"align_mse": (tokens - targets).pow(2).mean() / targets.pow(2).mean(),
+            "align_ce": F.cross_entropy(logits.flatten(0, 1), words.flatten(), weight=weight),
+            "align_acc": right.float().mean(),
+            "word_acc": right[said].float().sum() / said.sum().clamp(min=1)}
 
 
 def scene_losses(heads: SceneHeads, patches: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -168,16 +162,15 @@ def scene_losses(heads: SceneHeads, patches: torch.Tensor, batch: dict[str, torc
 
 
 class Alignment:
-    """The connector and the phrase embeddings its image tokens are pulled towards."""
+    """The connector and the word embeddings its image tokens are pulled towards."""
 
     def __init__(self, model: nn.Module, processor: Processor) -> None:
         self.connector = model.connector
-        self.scale = model.config.scale_factor
-        self.phrases = phrase_embeddings(model, processor)  # (C, D)
+        self.words = word_embeddings(model, processor)  # (W, D)
 
-    def loss(self, patches: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        """Patch features (N, P, Dv) and class shares (N, P, C) -> the alignment loss."""
-        return align_loss(self.connector(patches), token_words(classes, self.scale) @ self.phrases)
+    def losses(self, patches: torch.Tensor, words: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Patch features (N, P, Dv) and token word ids (N, T) -> the alignment losses and accuracy."""
+        return align_losses(self.connector(patches), words, self.words)
 
 
 def scene_stage_losses(vision: nn.Module, heads: SceneHeads, align: Alignment | None,
@@ -186,8 +179,9 @@ def scene_stage_losses(vision: nn.Module, heads: SceneHeads, align: Alignment | 
     patches = vision(batch["pixel_values"])  # (N, P, Dv)
     losses = scene_losses(heads, patches, batch)
     if align is not None:
-        losses["align"] = align.loss(patches, batch["classes"])
-        losses["loss"] = losses["loss"] + ALIGN_WEIGHT * losses["align"]
+        aligned = align.losses(patches, batch["words"])
+        losses.update(aligned)
+        losses["loss"] = losses["loss"] + aligned["align_mse"] + ALIGN_CE_WEIGHT * aligned["align_ce"]
     return losses
 
 
@@ -219,7 +213,7 @@ def train_scene(config: Any) -> dict[str, Any]:
                                   betas=(config.beta1, config.beta2))
     scenes = load_scenes(config.data)
     eval_scenes = load_scenes(config.eval_data) if config.eval_data else []
-    make_batch = SceneBatches(processor, model.config.vision.patch_size)
+    make_batch = SceneBatches(processor, model.config.vision.patch_size, model.config.scale_factor)
     order = random.Random(config.seed)
     epoch: list[int] = []
 
@@ -264,7 +258,8 @@ def train_scene(config: Any) -> dict[str, Any]:
             if (step + 1) % config.log_every == 0 or step + 1 == config.max_steps:
                 log_file.write(json.dumps(metrics) + "\n")
                 log_file.flush()
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['class_acc']:.3f}")
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['class_acc']:.3f}",
+                            **({"words": f"{metrics['word_acc']:.3f}"} if "word_acc" in metrics else {}))
             bar.update(1)
         bar.close()
         pool.shutdown(wait=True, cancel_futures=True)
