@@ -65,7 +65,10 @@ def _paint_text(ids: np.ndarray, instances: list[Instance], text: str, style: st
         start = max(start, end)
 
 
-def instance_map(scene: Mapping[str, Any]) -> tuple[np.ndarray, list[Instance]]:
+Drawn = tuple[np.ndarray, list[Instance]]  # what `instance_map` returns
+
+
+def instance_map(scene: Mapping[str, Any]) -> Drawn:
     """(H, W) int32 instance ids (0 = background; id i is instances[i - 1]) drawn with the scene's own geometry."""
     w, h = scene["size"]
     canvas = Image.new("I", (w, h), 0)
@@ -102,13 +105,25 @@ def instance_map(scene: Mapping[str, Any]) -> tuple[np.ndarray, list[Instance]]:
     return ids, instances
 
 
+def _character_word(char: str) -> str:
+    return f" {char}" if char.isalpha() else char  # SmolLM2 has " A" and "7" as single tokens, " 7" as two
+
+
 def token_word_list() -> list[str]:
     """The words image tokens are taught to say (index = word id): background, colours, shapes, bar, characters."""
     words = [" background"] + [f" {c}" for c in COLOURS] + [f" {s}" for s in SHAPES] + [" bar"]
-    return words + [f" {c}" if c.isalpha() else c for c in CHARACTERS]
+    return words + [_character_word(c) for c in CHARACTERS]
 
 
-def token_words(scene: Mapping[str, Any], token_size: int) -> np.ndarray:
+def _grid(ids: np.ndarray, cell: int, what: str) -> tuple[int, int]:
+    """(rows, columns) of `cell`-pixel cells over an instance map, which must tile it exactly."""
+    H, W = ids.shape
+    if H % cell or W % cell:
+        raise DataError(f"scene size {W}x{H} is not a multiple of the {what} {cell}")
+    return H // cell, W // cell
+
+
+def token_words(scene: Mapping[str, Any], token_size: int, drawn: Drawn | None = None) -> np.ndarray:
     """The word id (into `token_word_list`) each image token of the scene should say, tokens in row-major order.
 
     The picture is read like text: the token whose region holds a shape's centre says its colour and the next
@@ -118,13 +133,11 @@ def token_words(scene: Mapping[str, Any], token_size: int) -> np.ndarray:
     far longer (measured with exact targets: colour 90% after 60 steps vs 62% after 30 steps of a bag of words).
     Earlier things keep their tokens when two would share one: a word whose token is taken goes unsaid, the
     thing's other words are still said (a lone " diamond" still tells that there is a diamond).
+    `drawn` is the scene's `instance_map` when the caller already has it.
     """
-    ids, instances = instance_map(scene)
-    H, W = ids.shape
-    if H % token_size or W % token_size:
-        raise DataError(f"scene size {W}x{H} is not a multiple of the image token size {token_size}")
-    gh, gw = H // token_size, W // token_size
-    colour_word, shape_word, bar_word = 1, 1 + len(COLOURS), 1 + len(COLOURS) + len(SHAPES)
+    ids, instances = drawn if drawn is not None else instance_map(scene)
+    gh, gw = _grid(ids, token_size, "image token size")
+    word_id = {word: i for i, word in enumerate(token_word_list())}
     words = np.zeros(gh * gw, dtype=np.int64)
     for inst in instances:
         if inst.label >= AXIS_CLASS or inst.label == SIGN_CLASS:
@@ -132,15 +145,15 @@ def token_words(scene: Mapping[str, Any], token_size: int) -> np.ndarray:
         cx, cy = (inst.box[0] + inst.box[2]) / 2, (inst.box[1] + inst.box[3]) / 2
         at = min(int(cy) // token_size, gh - 1) * gw + min(int(cx) // token_size, gw - 1)
         if inst.label >= BAR_CLASSES:
-            said = [colour_word + inst.label - BAR_CLASSES, bar_word]
+            said = [f" {COLOUR_NAMES[inst.label - BAR_CLASSES]}", " bar"]
         elif inst.label >= CHAR_CLASSES:
-            said = [bar_word + 1 + inst.label - CHAR_CLASSES]
+            said = [_character_word(CHARACTERS[inst.label - CHAR_CLASSES])]
         else:
             shape, colour = divmod(inst.label - SHAPE_CLASSES, len(COLOURS))
-            said = [colour_word + colour, shape_word + shape]
+            said = [f" {COLOUR_NAMES[colour]}", f" {SHAPES[shape]}"]
         for k, word in enumerate(said):
             if at + k < words.size and words[at + k] == 0:
-                words[at + k] = word
+                words[at + k] = word_id[word]
     return words
 
 
@@ -154,13 +167,11 @@ class PatchTargets:
     centres: np.ndarray  # (P,) float32: 1 where the centre of a countable instance falls
 
 
-def patch_targets(scene: Mapping[str, Any], patch_size: int) -> PatchTargets:
-    """Summarise a scene's instance map over a grid of `patch_size` patches."""
-    ids, instances = instance_map(scene)
+def patch_targets(scene: Mapping[str, Any], patch_size: int, drawn: Drawn | None = None) -> PatchTargets:
+    """Summarise a scene's instance map (`drawn`, or drawn here) over a grid of `patch_size` patches."""
+    ids, instances = drawn if drawn is not None else instance_map(scene)
     H, W = ids.shape
-    if H % patch_size or W % patch_size:
-        raise DataError(f"scene size {W}x{H} is not a multiple of the patch size {patch_size}")
-    gh, gw = H // patch_size, W // patch_size
+    gh, gw = _grid(ids, patch_size, "patch size")
     labels = np.array([0] + [i.label for i in instances], dtype=np.int64)
     patch_of = (np.arange(H)[:, None] // patch_size) * gw + np.arange(W)[None, :] // patch_size  # (H, W)
     n_patches, area = gh * gw, patch_size * patch_size

@@ -33,7 +33,7 @@ from torch import nn
 from smolvlm.errors import ConfigError, DataError
 from smolvlm.processing import Processor
 from smolvlm.processing.image import batch_tiles, split_image
-from smolvlm.train.scene_labels import N_CLASSES, patch_targets, token_word_list, token_words
+from smolvlm.train.scene_labels import N_CLASSES, instance_map, patch_targets, token_word_list, token_words
 from smolvlm.train.synthetic import render_scene
 from smolvlm.weights.checkpoint import load_smolvlm
 
@@ -106,8 +106,9 @@ class SceneBatches:
                                   f"checkpoint turns a {image.width}x{image.height} picture into {len(cut.tiles)} "
                                   f"tile(s) of {cut.tiles[0].shape[1]}x{cut.tiles[0].shape[0]}")
             tiles.append([cut])
-            targets.append(patch_targets(scene, self.patch_size))
-            words.append(token_words(scene, self.token_size))
+            drawn = instance_map(scene)  # drawn once, summarised twice
+            targets.append(patch_targets(scene, self.patch_size, drawn))
+            words.append(token_words(scene, self.token_size, drawn))
         pixel_values, _ = batch_tiles(tiles, self.config)  # (N, 1, 3, H, W)
 
         def stack(field: str) -> torch.Tensor:
