@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from smolvlm.engine.generate import Engine, GenerationConfig, GenerationResult
+from smolvlm.engine.generate import Engine, GenerationConfig, GenerationResult, default_step_mode
 from smolvlm.errors import ConfigError, GenerationError, ModelNotFoundError, PromptError
 from smolvlm.processing import Batch, Processor, Tokenizer, message_images, normalize_messages
 
@@ -75,8 +75,9 @@ class VLM:
         self.model = model.eval()
         self.processor = processor
         self.name = name
+        device = next(model.parameters()).device
         self.engine = Engine(model, processor.decode, processor.stop_token_ids,
-                             step_mode="compiled" if compile else "eager")
+                             step_mode=default_step_mode(device, compile))
         self.defaults = GenerationConfig()
 
     @property

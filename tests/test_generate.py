@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -119,6 +121,49 @@ def test_static_steps_equal_eager_steps_as_rows_leave(pair):
     assert _rows_with_modes(ours, config, ids, mask, max_new, "static") == eager
 
 
+def test_graph_slots_equal_eager_steps_as_rows_leave(pair):
+    """The CUDA-graph path's slots and fused projections (run eagerly on the CPU) decode as eager steps do."""
+    config, _, ours = pair
+    gen = torch.Generator().manual_seed(12)
+    rows = [torch.randint(1, config.image_token_id - 1, (n,), generator=gen) for n in (4, 11, 7)]
+    ids, mask = left_pad(rows)
+    max_new = [5, NEW, 8]
+    eager = _rows_with_modes(ours, config, ids, mask, max_new, "eager")
+    model = copy.deepcopy(ours)
+    engine = Engine(model, str, [_eos(config)], step_mode="graphs")
+    configs = [GenerationConfig(max_new_tokens=n) for n in max_new]
+    assert [r.token_ids for r in engine.generate(ids, mask, configs)] == eager
+    # The slot (batch bucket 4, one padding row) is reused by the next request and gives the same answers.
+    assert [r.token_ids for r in engine.generate(ids, mask, configs)] == eager
+    assert list(engine._graphs.slots) == [(4, 256)]
+    # A second stream while the first is suspended gets a slot of its own instead of overwriting the first's cache.
+    first = engine.stream(ids, mask, configs)
+    next(first)
+    second = engine.generate(ids[:2], mask[:2], configs[:2])
+    assert [r.token_ids for r in second] == eager[:2]
+    results = []
+    list(engine.stream(ids, mask, configs, results=results))
+    first.close()
+    assert not any(slot.busy for slot in engine._graphs.slots.values())
+
+
+def test_fused_projections_keep_the_logits(pair):
+    config, _, ours = pair
+    model = copy.deepcopy(ours)
+    model.text_model.fuse_projections()
+    ids = torch.randint(1, config.image_token_id - 1, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        torch.testing.assert_close(model(ids).logits, ours(ids).logits, rtol=1e-5, atol=1e-5)
+    layer = model.text_model.layers[0]
+    assert layer.self_attn.q_proj.weight.data_ptr() == layer.self_attn.fused[0].data_ptr()  # views, no copy
+    assert set(model.state_dict()) == set(ours.state_dict())
+    model.to(torch.float64)  # moving re-fuses from the moved weights
+    assert layer.mlp.fused[0].dtype == torch.float64
+    assert layer.mlp.up_proj.weight.data_ptr() == layer.mlp.fused[0][config.text.intermediate_size :].data_ptr()
+    with torch.inference_mode():
+        torch.testing.assert_close(model(ids).logits.float(), ours(ids).logits, rtol=1e-4, atol=1e-4)
+
+
 def test_compiled_steps_equal_eager_steps(pair):
     config, _, ours = pair
     if config.vision.patch_size != 16:
@@ -135,4 +180,4 @@ def test_compiled_steps_equal_eager_steps(pair):
 def test_unknown_step_mode_is_refused(pair):
     config, _, ours = pair
     with pytest.raises(GenerationError, match="step_mode"):
-        Engine(ours, str, [_eos(config)], step_mode="graphs")
+        Engine(ours, str, [_eos(config)], step_mode="warp")

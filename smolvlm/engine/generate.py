@@ -1,17 +1,20 @@
 """KV-cached, batched, streaming generation: one prefill (vision once per image), then one token per step.
 
-Rows of a batch are left-padded to one length, share one write position in a preallocated KV cache, and leave the
-batch as soon as they finish (the cache drops their rows), so the last long answer decodes at batch-1 speed.
+Rows of a batch are left-padded to one length and share one write position in a preallocated KV cache. On the CPU
+a request's cache is its own and drops the rows of finished sequences, so the last long answer decodes at batch-1
+speed; on a GPU the request borrows a CUDA-graph decode slot (`graphs.py`) where finished rows idle in place.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
 
+from smolvlm.engine.graphs import GraphedDecoder, GraphSession
 from smolvlm.engine.kv_cache import KVCache
 from smolvlm.engine.sampling import SamplingParams, sample_next
 from smolvlm.engine.text_stream import IncrementalDetokenizer, StopStringMatcher
@@ -111,27 +114,75 @@ class StreamPiece:
     finish_reason: str | None = None
 
 
-STEP_MODES = ("eager", "static", "compiled")
+STEP_MODES = ("eager", "static", "compiled", "graphs", "compiled-graphs")
+
+
+def default_step_mode(device: torch.device, compile: bool = False) -> str:
+    """CUDA graphs on a GPU, eager steps on the CPU; `compile` adds torch.compile to either."""
+    if device.type == "cuda":
+        return "compiled-graphs" if compile else "graphs"
+    return "compiled" if compile else "eager"
+
+
+class CacheSession:
+    """One request's decoding in a cache of its own, which drops the rows of finished sequences."""
+
+    def __init__(self, engine: "Engine", cache: KVCache, mask: torch.Tensor) -> None:
+        self.engine, self.cache, self.mask = engine, cache, mask  # mask (B, T + max_new)
+
+    def keep(self, kept: list[int]) -> None:
+        """Only the rows at these positions (of the active rows) go on."""
+        self.cache.select(kept)
+        self.mask = self.mask[kept]
+
+    def next_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per active row ((B', 1)); their next-token logits (B', V)."""
+        engine, cache, mask = self.engine, self.cache, self.mask
+        if engine.step_mode == "eager":
+            return engine._logits(tokens, mask[:, : cache.length + 1], cache)
+        position = cache.length
+        position_ids = mask[:, :position].sum(-1, keepdim=True)  # (B', 1): attended tokens before this one
+        mask[:, position] = 1
+        cache_position = torch.tensor([position], device=tokens.device)
+        logits = engine._static_step(tokens, mask, position_ids, cache_position, cache)
+        cache.advance(1)
+        return logits
+
+    def close(self) -> None:
+        """Nothing to give back: the cache goes with the session."""
 
 
 class Engine:
     """Generates from a SmolVLM (or a text-only CausalLM) given already-processed input tensors."""
 
     def __init__(self, model: torch.nn.Module, decode: Callable[[list[int]], str], eos_token_ids: Sequence[int],
-                 step_mode: str = "eager"):
+                 step_mode: str = "auto"):
         """`step_mode`: "eager" (decode attends over the cached prefix), "static" (fixed shapes: whole-cache
-        attention under a mask) or "compiled" (the static step through torch.compile; compiles per batch size)."""
-        if step_mode not in STEP_MODES:
-            raise GenerationError(f"step_mode must be one of {', '.join(STEP_MODES)}, got {step_mode!r}")
+        attention under a mask), "compiled" (the static step through torch.compile; compiles per batch size),
+        "graphs" (the static step in preallocated slots, replayed from CUDA graphs on a GPU), "compiled-graphs"
+        (both) or "auto" (`default_step_mode` for the model's device)."""
         self.model = model
+        if step_mode == "auto":
+            step_mode = default_step_mode(self.device)
+        if step_mode not in STEP_MODES:
+            raise GenerationError(f"step_mode must be one of auto, {', '.join(STEP_MODES)}, got {step_mode!r}")
         self.decode = decode
         self.eos_token_ids = set(int(i) for i in eos_token_ids)
         self.text_config = model.config.text if hasattr(model.config, "text") else model.config
         self.is_vlm = hasattr(model, "encode_images")
         self.step_mode = step_mode
         self._static_step = self._static_logits
-        if step_mode == "compiled":
+        if step_mode.startswith("compiled"):
             self._static_step = torch.compile(self._static_logits, fullgraph=True, dynamic=False)
+        # On a GPU all of the engine's work runs on one stream of its own: CUDA-graph capture cannot use the
+        # default stream, and each stream that runs GEMMs holds its own cuBLAS workspaces (tens of MiB), so using
+        # one stream for prefill, capture and replay keeps memory at a single set.
+        self._cuda_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._graphs: GraphedDecoder | None = None
+        if step_mode.endswith("graphs"):
+            # Fewer, larger GEMMs: on a GPU a small decode step is bound by its kernel count.
+            (model.text_model if self.is_vlm else model.model).fuse_projections()
+            self._graphs = GraphedDecoder(self._static_step, self.text_config, self.dtype, self.device)
 
     @property
     def device(self) -> torch.device:
@@ -142,6 +193,15 @@ class Engine:
     def dtype(self) -> torch.dtype:
         """The model's compute dtype."""
         return next(self.model.parameters()).dtype
+
+    def _on_device(self) -> contextlib.AbstractContextManager:
+        """Inference mode, on the engine's CUDA stream where there is one (entered per step, never across a yield)."""
+        if self._cuda_stream is None:
+            return torch.inference_mode()
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.inference_mode())
+        stack.enter_context(torch.cuda.stream(self._cuda_stream))
+        return stack
 
     def _logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: KVCache, **vision) -> torch.Tensor:
         """Next-token logits (B, V) for the last position."""
@@ -156,17 +216,15 @@ class Engine:
         out = self.model(tokens, valid, cache=cache, position_ids=position_ids, cache_position=cache_position)
         return (out.logits if self.is_vlm else out)[:, -1]
 
-    def _decode_logits(self, tokens: torch.Tensor, mask: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Logits (B', V) after feeding one token per row; `mask` (B', max_len) has every written column set."""
-        if self.step_mode == "eager":
-            return self._logits(tokens, mask[:, : cache.length + 1], cache)
-        position = cache.length
-        position_ids = mask[:, :position].sum(-1, keepdim=True)  # (B', 1): attended tokens before this one
-        mask[:, position] = 1
-        cache_position = torch.tensor([position], device=tokens.device)
-        logits = self._static_step(tokens, mask, position_ids, cache_position, cache)
-        cache.advance(1)
-        return logits
+    def _session(self, attention_mask: torch.Tensor, max_new: int) -> tuple[CacheSession | GraphSession, KVCache]:
+        """Where this request decodes, and the cache its prefill writes."""
+        if self._graphs is not None:
+            return self._graphs.session(attention_mask, max_new)
+        B, T = attention_mask.shape
+        cache = KVCache.for_config(self.text_config, B, T + max_new, dtype=self.dtype, device=attention_mask.device)
+        # (B, T + max_new): eager steps slice the written prefix of all ones; static steps set each column as written
+        future = (attention_mask.new_ones if self.step_mode == "eager" else attention_mask.new_zeros)(B, max_new)
+        return CacheSession(self, cache, torch.cat([attention_mask, future], dim=1)), cache
 
     def stream(
         self,
@@ -182,7 +240,6 @@ class Engine:
         if len(configs) != B:
             raise GenerationError(f"{len(configs)} generation configs for a batch of {B}")
         device = self.device
-        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         max_new = max(c.max_new_tokens for c in configs)
         limit = self.text_config.max_position_embeddings
         if T + max_new > limit:
@@ -190,53 +247,62 @@ class Engine:
                 f"prompt of {T} tokens + max_new_tokens {max_new} exceeds the model's context of {limit} tokens; "
                 "shorten the prompt, use fewer or smaller images, or lower max_new_tokens"
             )
-        rows = [self.new_row(c, input_ids[i][attention_mask[i].bool()].cpu()) for i, c in enumerate(configs)]
-        vision = {}
-        if pixel_values is not None:
-            vision = {"pixel_values": pixel_values.to(device, self.dtype)}
-            if pixel_attention_mask is not None:
-                vision["pixel_attention_mask"] = pixel_attention_mask.to(device)
+        ids_cpu, mask_cpu = input_ids.cpu(), attention_mask.cpu()
+        rows = [self.new_row(c, ids_cpu[i][mask_cpu[i].bool()]) for i, c in enumerate(configs)]
+        with self._on_device():
+            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+            vision = {}
+            if pixel_values is not None:
+                vision = {"pixel_values": pixel_values.to(device, self.dtype)}
+                if pixel_attention_mask is not None:
+                    vision["pixel_attention_mask"] = pixel_attention_mask.to(device)
+            session, cache = self._session(attention_mask, max_new)
+        try:
+            start = time.perf_counter()
+            with self._on_device():
+                logits = self._logits(input_ids, attention_mask, cache, **vision)  # (B, V)
+            if self._cuda_stream is not None:  # the prefill's true end, for its timing; the first token needs it
+                self._cuda_stream.synchronize()
+            prefill_seconds = time.perf_counter() - start
+            yield from self._decode(session, logits, rows)
+        finally:
+            session.close()
+        if results is not None:
+            results.clear()
+            results.extend(row.result(prefill_seconds) for row in rows)
 
-        cache = KVCache.for_config(self.text_config, B, T + max_new, dtype=self.dtype, device=device)
-        # (B, T + max_new): eager steps slice the written prefix of all ones; static steps set each column as written
-        future = (attention_mask.new_ones if self.step_mode == "eager" else attention_mask.new_zeros)(B, max_new)
-        mask = torch.cat([attention_mask, future], dim=1)
-        start = time.perf_counter()
-        with torch.inference_mode():
-            logits = self._logits(input_ids, attention_mask, cache, **vision)  # (B, V)
-        prefill_seconds = time.perf_counter() - start
-
-        active = list(range(B))  # original row index of each cache row
-        with torch.inference_mode():
-            for step in range(max_new):
-                step_start = time.perf_counter()
-                next_tokens = sample_next(
+    def _decode(self, session: CacheSession | GraphSession, logits: torch.Tensor, rows: list[RowState]
+                ) -> Iterator[StreamPiece]:
+        """Sample, stream and feed back one token per active row until every row has finished."""
+        active = list(range(len(rows)))  # original row index of each active row
+        while True:
+            step_start = time.perf_counter()
+            with self._on_device():
+                sampled = sample_next(
                     logits,
                     [rows[r].params for r in active],
                     [rows[r].generator for r in active],
                     [rows[r].history for r in active] if any(rows[r].params.repetition_penalty != 1.0 for r in active) else None,
-                ).tolist()
-                keep = []
-                for slot, (r, token) in enumerate(zip(active, next_tokens)):
-                    piece = self.advance_row(rows[r], token)
-                    if piece or rows[r].finish_reason:
-                        yield StreamPiece(r, piece, rows[r].finish_reason)
-                    if rows[r].finish_reason is None:
-                        keep.append(slot)
-                if not keep:
-                    break
+                )  # (B',) on the device
+                tokens = sampled.tolist()  # the one sync per step
+            keep = []
+            for slot, (r, token) in enumerate(zip(active, tokens)):
+                piece = self.advance_row(rows[r], token)
+                if piece or rows[r].finish_reason:
+                    yield StreamPiece(r, piece, rows[r].finish_reason)
+                if rows[r].finish_reason is None:
+                    keep.append(slot)
+            if not keep:
+                return
+            with self._on_device():
                 if len(keep) < len(active):
-                    cache.select(keep)
-                    mask = mask[keep]
+                    session.keep(keep)
+                    sampled = sampled[torch.tensor(keep, device=sampled.device)]
                     active = [active[s] for s in keep]
-                tokens = torch.tensor([next_tokens[s] for s in keep], device=device)[:, None]  # (B', 1)
-                logits = self._decode_logits(tokens, mask, cache)
-                elapsed = time.perf_counter() - step_start
-                for r in active:
-                    rows[r].decode_seconds += elapsed
-        if results is not None:
-            results.clear()
-            results.extend(row.result(prefill_seconds) for row in rows)
+                logits = session.next_logits(sampled[:, None])  # (B', V)
+            elapsed = time.perf_counter() - step_start
+            for r in active:
+                rows[r].decode_seconds += elapsed
 
     def generate(
         self,

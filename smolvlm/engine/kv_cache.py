@@ -99,6 +99,16 @@ class KVCache:
         """Empty the cache, keeping its buffers for the next request."""
         self.length = 0
 
+    def first_rows(self, n: int) -> "KVCache":
+        """An empty cache over the first `n` rows of these buffers (writes land here; for prefilling a slot)."""
+        if not 1 <= n <= self.batch_size:
+            raise GenerationError(f"cannot take {n} rows of a cache of {self.batch_size}")
+        view = KVCache.__new__(KVCache)
+        view.keys = [buf[:n] for buf in self.keys]
+        view.values = [buf[:n] for buf in self.values]
+        view.max_len, view.length = self.max_len, 0
+        return view
+
     def select(self, rows: Sequence[int] | torch.Tensor) -> None:
         """Keep only the given batch rows, in the given order (drop finished sequences, reorder beams)."""
         index = torch.as_tensor(rows, dtype=torch.long, device=self.keys[0].device)
