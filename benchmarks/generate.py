@@ -9,6 +9,7 @@ reported as warmup_seconds).
 
     python benchmarks/generate.py                       # 256M and 500M, CPU, fp32
     python benchmarks/generate.py --shapes 256M --json  # one shape, JSON on stdout
+    python benchmarks/generate.py --device cuda         # the GPU benchmark (benchmarks/generate_cuda.py)
 """
 
 from __future__ import annotations
@@ -172,9 +173,14 @@ def ratios(ours: dict, ref: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write JSON to benchmarks/results/."""
+    argv = sys.argv[1:] if argv is None else argv
+    if "cuda" in argv and argv.index("cuda") > 0 and argv[argv.index("cuda") - 1] == "--device":
+        import generate_cuda
+
+        return generate_cuda.main(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["256M", "500M"], choices=list(SHAPES))
-    parser.add_argument("--device", default="cpu", choices=["cpu"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: see generate_cuda.py")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2, help="prefill runs per measurement (best is kept)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
