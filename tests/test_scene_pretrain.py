@@ -15,7 +15,8 @@ from smolvlm.train import synthetic
 from smolvlm.train.commands import train_main
 from smolvlm.model.connector import pixel_shuffle
 from smolvlm.train.scene_labels import (
-    CHAR_CLASSES, CHARACTERS, N_CLASSES, SHAPE_CLASSES, instance_map, patch_targets, token_word_list, token_words,
+    CHAR_CLASSES, CHARACTERS, N_CLASSES, NO_WORD, SHAPE_CLASSES, instance_map, patch_targets, token_word_list,
+    token_words,
 )
 from smolvlm.train.synthetic import COLOURS, SHAPES, render_scene
 from smolvlm.train.trainer import TrainConfig, train
@@ -136,27 +137,29 @@ def test_image_tokens_are_row_major_regions_in_connector_order():
 
 
 def _words(scene: dict, token_size: int) -> list[str]:
+    """Each token's words joined with "+" (" red+ circle")."""
     table = token_word_list()
-    return [table[i] for i in token_words(scene, token_size)]
+    return ["+".join(table[i] for i in row if i != NO_WORD) for row in token_words(scene, token_size)]
 
 
-def test_token_words_say_colour_then_shape_at_each_centre():
+def test_token_words_say_each_thing_at_its_centre():
     scene = {**_scene("colour", 0), "objects": [
         {"shape": "star", "colour": "green", "rgb": [0, 160, 0], "box": [70, 10, 110, 50]},  # centre (90, 30)
         {"shape": "circle", "colour": "red", "rgb": [200, 0, 0], "box": [200, 200, 240, 240]},  # centre (220, 220)
     ]}
     words = _words(scene, 32)  # an 8 x 8 grid of tokens
-    assert words[0 * 8 + 2: 0 * 8 + 4] == [" green", " star"]
-    assert words[6 * 8 + 6: 6 * 8 + 8] == [" red", " circle"]
-    assert sum(w != " background" for w in words) == 4
+    assert words[0 * 8 + 2] == " green+ star"
+    assert words[6 * 8 + 6] == " red+ circle"
+    assert sum(w != " background" for w in words) == 2
 
 
 def test_token_words_keep_the_first_claim_and_read_characters():
     scene = {**_scene("colour", 0), "objects": [
-        {"shape": "square", "colour": "blue", "rgb": [0, 0, 200], "box": [0, 0, 30, 30]},  # token 0 (+1)
-        {"shape": "diamond", "colour": "black", "rgb": [0, 0, 0], "box": [34, 0, 60, 30]},  # token 1, taken
+        {"shape": "square", "colour": "blue", "rgb": [0, 0, 200], "box": [0, 0, 30, 30]},  # token 0
+        {"shape": "diamond", "colour": "black", "rgb": [0, 0, 0], "box": [2, 2, 28, 28]},  # token 0 too: unsaid
+        {"shape": "star", "colour": "red", "rgb": [200, 0, 0], "box": [34, 0, 60, 30]},  # token 1
     ]}
-    assert _words(scene, 32)[:4] == [" blue", " square", " diamond", " background"]  # black goes unsaid
+    assert _words(scene, 32)[:3] == [" blue+ square", " red+ star", " background"]
     sign = _scene("ocr", 3)
     said = [w for w in _words(sign, 16) if w != " background"]
     letters = "".join(c for line in sign["sign"]["lines"] for c in line.upper() if c.isalnum())

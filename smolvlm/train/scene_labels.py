@@ -123,27 +123,34 @@ def _grid(ids: np.ndarray, cell: int, what: str) -> tuple[int, int]:
     return H // cell, W // cell
 
 
-def token_words(scene: Mapping[str, Any], token_size: int, drawn: Drawn | None = None) -> np.ndarray:
-    """The word id (into `token_word_list`) each image token of the scene should say, tokens in row-major order.
+NO_WORD = -1  # the second column of `token_words` where a token says a single word
 
-    The picture is read like text: the token whose region holds a shape's centre says its colour and the next
-    token says the shape (" red", " circle"), a bar says " red", " bar" the same way, a character its own token;
-    every other token says " background". A language model then sees "... red circle ... blue star ..." among
-    the image tokens and learns to answer from them in a few dozen steps; bags or blends of words per token take
-    far longer (measured with exact targets: colour 90% after 60 steps vs 62% after 30 steps of a bag of words).
-    Earlier things keep their tokens when two would share one: a word whose token is taken goes unsaid, the
-    thing's other words are still said (a lone " diamond" still tells that there is a diamond).
+
+def token_words(scene: Mapping[str, Any], token_size: int, drawn: Drawn | None = None) -> np.ndarray:
+    """The words (ids into `token_word_list`) each image token of the scene should say: (T, 2), tokens in row-major
+    order, the second column NO_WORD where a token says one word.
+
+    The picture is read like text, one token per thing: the token whose region holds a thing's centre says all of
+    it at once, its target the sum of the words' embeddings (" red" + " circle" for a red circle, " red" + " bar"
+    for a red bar); a character says itself; every other token says " background". A language model reads such
+    tokens about as well as a run of words (LoRA probe with exact targets, 60 steps x 8: colour 85% against 90% for
+    " red", " circle" in two tokens; count 30% both), while a vision tower learns what a thing's own token should
+    say far sooner than what its neighbour should (150 stage-1 steps: 72% of colour words at centres right, 4% of
+    shape words in the next token). The first thing to claim a token keeps it; a later one goes unsaid.
     `drawn` is the scene's `instance_map` when the caller already has it.
     """
     ids, instances = drawn if drawn is not None else instance_map(scene)
     gh, gw = _grid(ids, token_size, "image token size")
     word_id = {word: i for i, word in enumerate(token_word_list())}
-    words = np.zeros(gh * gw, dtype=np.int64)
+    words = np.full((gh * gw, 2), NO_WORD, dtype=np.int64)
+    words[:, 0] = 0
     for inst in instances:
         if inst.label >= AXIS_CLASS or inst.label == SIGN_CLASS:
             continue
         cx, cy = (inst.box[0] + inst.box[2]) / 2, (inst.box[1] + inst.box[3]) / 2
         at = min(int(cy) // token_size, gh - 1) * gw + min(int(cx) // token_size, gw - 1)
+        if words[at, 0] != 0:
+            continue
         if inst.label >= BAR_CLASSES:
             said = [f" {COLOUR_NAMES[inst.label - BAR_CLASSES]}", " bar"]
         elif inst.label >= CHAR_CLASSES:
@@ -151,9 +158,7 @@ def token_words(scene: Mapping[str, Any], token_size: int, drawn: Drawn | None =
         else:
             shape, colour = divmod(inst.label - SHAPE_CLASSES, len(COLOURS))
             said = [f" {COLOUR_NAMES[colour]}", f" {SHAPES[shape]}"]
-        for k, word in enumerate(said):
-            if at + k < words.size and words[at + k] == 0:
-                words[at + k] = word_id[word]
+        words[at, : len(said)] = [word_id[word] for word in said]
     return words
 
 

@@ -6,8 +6,8 @@ their scene, so every patch has an exact label (`scene_labels.py`). This stage t
 small linear heads on the patch features: the patch's class histogram (soft cross-entropy), the box of the thing
 covering it (L1) and whether a countable thing's centre lies in it (binary cross-entropy).
 
-When the connector trains too (`--connector full`), each image token is also pulled towards one word of the
-language model's vocabulary, so the picture reads like text: the tokens at a red circle say " red", " circle", a
+When the connector trains too (`--connector full`), each image token is also pulled towards words of the language
+model's vocabulary, so the picture reads like text: the token at a red circle's centre says " red" + " circle", a
 character says itself, the rest " background" (see `scene_labels.token_words`). Learning that alignment through the
 language model's answer loss alone took far more steps than a CPU run affords.
 
@@ -33,7 +33,9 @@ from torch import nn
 from smolvlm.errors import ConfigError, DataError
 from smolvlm.processing import Processor
 from smolvlm.processing.image import batch_tiles, split_image
-from smolvlm.train.scene_labels import N_CLASSES, instance_map, patch_targets, token_word_list, token_words
+from smolvlm.train.scene_labels import (
+    N_CLASSES, NO_WORD, instance_map, patch_targets, token_word_list, token_words,
+)
 from smolvlm.train.synthetic import render_scene
 from smolvlm.weights.checkpoint import load_smolvlm
 
@@ -96,7 +98,7 @@ class SceneBatches:
 
     def __call__(self, scenes: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """pixel_values (N, 3, H, W); patch targets classes (N, P, C), boxes (N, P, 4), has_box, centres (N, P); and
-        the image tokens' word ids (N, T)."""
+        the image tokens' word ids (N, T, 2)."""
         tiles, targets, words = [], [], []
         for scene in scenes:
             image = render_scene(scene)
@@ -130,19 +132,26 @@ def word_embeddings(model: nn.Module, processor: Processor) -> torch.Tensor:
 
 
 def align_losses(tokens: torch.Tensor, words: torch.Tensor, table: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Image tokens (N, T, D) against their word ids (N, T, 0 = background): relative squared error to the words'
-    embeddings; cross-entropy of the tokens' dot products with every word (so each token is nearest its own word),
-    background down-weighted since it is most tokens; and the share of right nearest words, overall and among the
-    tokens that should say something."""
+    """Image tokens (N, T, D) against their words (N, T, 2) of `token_words`: relative squared error to the sum of
+    the words' embeddings; cross-entropy of the tokens' dot products with every word against an even split over
+    the token's words (so each token is nearest its own), background down-weighted since it is most tokens; and
+    the share of tokens whose nearest words are exactly theirs, overall and among the tokens that say something."""
     tokens = tokens.float()
-    targets = table[words]  # (N, T, D)
-    logits = tokens @ table.T  # (N, T, W)
-    weight = torch.ones(table.shape[0], device=tokens.device)
-    weight[0] = BACKGROUND_WEIGHT
-    right = logits.argmax(-1) == words  # (N, T)
-    said = words != 0
+    first, second = words[..., 0], words[..., 1]  # (N, T) each
+    two = second != NO_WORD
+    second = second.clamp(min=0)
+    targets = table[first] + table[second] * two[..., None]  # (N, T, D)
+    log_probs = (tokens @ table.T).log_softmax(-1)  # (N, T, W)
+    share = 1.0 - 0.5 * two.float()  # (N, T): 1 for one word, 1/2 each for two
+    ce = -(share * log_probs.gather(-1, first[..., None])[..., 0]
+           + (1 - share) * log_probs.gather(-1, second[..., None])[..., 0])  # (N, T)
+    weight = torch.where(first == 0, BACKGROUND_WEIGHT, 1.0)
+    top2 = log_probs.topk(2, dim=-1).indices  # (N, T, 2)
+    right = torch.where(two, ((top2 == first[..., None]).any(-1) & (top2 == second[..., None]).any(-1)),
+                        top2[..., 0] == first)  # (N, T)
+    said = first != 0
     return {"align_mse": (tokens - targets).pow(2).mean() / targets.pow(2).mean(),
-            "align_ce": F.cross_entropy(logits.flatten(0, 1), words.flatten(), weight=weight),
+            "align_ce": (ce * weight).sum() / weight.sum(),
             "align_acc": right.float().mean(),
             "word_acc": right[said].float().sum() / said.sum().clamp(min=1)}
 
@@ -170,7 +179,7 @@ class Alignment:
         self.words = word_embeddings(model, processor)  # (W, D)
 
     def losses(self, patches: torch.Tensor, words: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Patch features (N, P, Dv) and token word ids (N, T) -> the alignment losses and accuracy."""
+        """Patch features (N, P, Dv) and token word ids (N, T, 2) -> the alignment losses and accuracy."""
         return align_losses(self.connector(patches), words, self.words)
 
 
