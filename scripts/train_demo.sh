@@ -10,7 +10,7 @@
 set -euo pipefail
 WORK=${1:-runs/demo}
 SEED=${SEED:-0}
-STEPS1=${STEPS1:-800}
+STEPS1=${STEPS1:-1200}
 STEPS2=${STEPS2:-450}
 BATCH=${BATCH:-8}
 N_TRAIN=${N_TRAIN:-6000}
