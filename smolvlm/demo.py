@@ -43,7 +43,7 @@ SHIPPED_FILES = (TRAINED_WEIGHTS, ADAPTER_CONFIG, ADAPTER_WEIGHTS)  # what the a
 FORMAT_VERSION = 1  # bump when the assembly itself changes, so caches rebuild
 
 # 256-px single tile, 16-px patches, pixel shuffle 2: a picture is 64 image tokens, one per 32-px region, fine
-# enough that each shape's centre has a token of its own to say its colour and the next one its shape.
+# enough that most shapes' centres have a token of their own to say the shape's colour and kind.
 VISION = VisionConfig(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=3,
                       image_size=256, patch_size=16)
 SCALE_FACTOR = 2
