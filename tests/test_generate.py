@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from helpers_model import hf_smolvlm, image_prompt, left_pad, ours_from_hf, random_tiles, tiny_config
+from smolvlm.engine import generate
 from smolvlm.engine.generate import Engine, GenerationConfig
 from smolvlm.errors import GenerationError
 
@@ -121,7 +122,7 @@ def test_static_steps_equal_eager_steps_as_rows_leave(pair):
     assert _rows_with_modes(ours, config, ids, mask, max_new, "static") == eager
 
 
-def test_graph_slots_equal_eager_steps_as_rows_leave(pair):
+def test_graph_slots_equal_eager_steps_as_rows_leave(pair, monkeypatch):
     """The CUDA-graph path's slots and fused projections (run eagerly on the CPU) decode as eager steps do."""
     config, _, ours = pair
     gen = torch.Generator().manual_seed(12)
@@ -145,6 +146,11 @@ def test_graph_slots_equal_eager_steps_as_rows_leave(pair):
     list(engine.stream(ids, mask, configs, results=results))
     first.close()
     assert not any(slot.busy for slot in engine._graphs.slots.values())
+    # A batch larger than the largest captured size decodes the same static step outside the slots.
+    slots = list(engine._graphs.slots)
+    monkeypatch.setattr(generate, "BATCH_BUCKETS", (1, 2))
+    assert [r.token_ids for r in engine.generate(ids, mask, configs)] == eager
+    assert list(engine._graphs.slots) == slots  # no slot made for it
 
 
 def test_fused_projections_keep_the_logits(pair):

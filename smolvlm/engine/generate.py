@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from smolvlm.engine.graphs import GraphedDecoder, GraphSession
+from smolvlm.engine.graphs import BATCH_BUCKETS, GraphedDecoder, GraphSession
 from smolvlm.engine.kv_cache import KVCache
 from smolvlm.engine.sampling import SamplingParams, sample_next
 from smolvlm.engine.text_stream import IncrementalDetokenizer, StopStringMatcher
@@ -218,9 +218,9 @@ class Engine:
 
     def _session(self, attention_mask: torch.Tensor, max_new: int) -> tuple[CacheSession | GraphSession, KVCache]:
         """Where this request decodes, and the cache its prefill writes."""
-        if self._graphs is not None:
-            return self._graphs.session(attention_mask, max_new)
         B, T = attention_mask.shape
+        if self._graphs is not None and B <= BATCH_BUCKETS[-1]:  # larger batches run the same step uncaptured
+            return self._graphs.session(attention_mask, max_new)
         cache = KVCache.for_config(self.text_config, B, T + max_new, dtype=self.dtype, device=attention_mask.device)
         # (B, T + max_new): eager steps slice the written prefix of all ones; static steps set each column as written
         future = (attention_mask.new_ones if self.step_mode == "eager" else attention_mask.new_zeros)(B, max_new)
