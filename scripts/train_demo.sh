@@ -5,7 +5,10 @@
 #      the connector learns to turn each region into the word embeddings of what it shows
 #   -> stage 2 `smolvlm train` on the answers: LoRA on the language model, the connector at a low rate
 #   -> export (vision/connector, LoRA) -> `smolvlm eval` of the demo as users get it -> manifest.
-# Usage: scripts/train_demo.sh [WORK_DIR]   (env: SEED, STEPS1, STEPS2, BATCH, N_TRAIN, N_EVAL, THREADS)
+# Usage: scripts/train_demo.sh [WORK_DIR]
+#   env: SEED, STEPS1, STEPS2, BATCH1 (stage 1), BATCH (stage 2), N_TRAIN, N_EVAL, THREADS,
+#        SHARDS (training data written by this many parallel `data synth` runs, shard k seeded SEED + 100k),
+#        DATA_WORKERS (processes building batches; a GPU needs several, the CPU recipe uses a background thread)
 # Steps already done (data written, a stage's final/ folder present) are skipped, so a stopped run can be rerun.
 set -euo pipefail
 WORK=${1:-runs/demo}
@@ -13,24 +16,38 @@ SEED=${SEED:-0}
 STEPS1=${STEPS1:-1200}
 STEPS2=${STEPS2:-450}
 BATCH=${BATCH:-8}
+BATCH1=${BATCH1:-32}
+SHARDS=${SHARDS:-1}
+DATA_WORKERS=${DATA_WORKERS:-0}
 N_TRAIN=${N_TRAIN:-6000}
 N_EVAL=${N_EVAL:-280}
 export OMP_NUM_THREADS=${THREADS:-2}
 TRAIN_TASKS="colour=1,exists=1,count=1.5,spatial=1,ocr=1.5,grounding=0.5,chart=1.5"
 EVAL_TASKS="colour,exists,count,spatial,ocr,grounding,chart"
 STAGE1=(--objective scene --vision full --connector full --lr 1e-3 --weight-decay 0.05 --warmup-steps 30 --min-lr-ratio 0.05
-        --batch-size 32 --max-steps "$STEPS1" --eval-data "$WORK/data/eval.jsonl" --eval-batch-size 32 --seed "$SEED"
-        --log-every 10)
+        --batch-size "$BATCH1" --max-steps "$STEPS1" --eval-data "$WORK/data/eval.jsonl" --eval-batch-size 32
+        --seed "$SEED" --log-every 10 --data-workers "$DATA_WORKERS")
 STAGE2=(--vision frozen --connector full --connector-lr 5e-5 --text lora --lora-r 16 --lora-alpha 32 --lr 5e-4
         --warmup-steps 20 --min-lr-ratio 0.1 --max-steps "$STEPS2" --batch-size "$BATCH"
-        --seed "$SEED" --save-every 50 --keep-last 1 --log-every 1 --no-tensorboard --resume)
+        --seed "$SEED" --save-every 50 --keep-last 1 --log-every 1 --no-tensorboard --resume
+        --data-workers "$DATA_WORKERS")
 start=$(date +%s)
 mkdir -p "$WORK"
 
 synth() {  # synth DIR N SEED SPLIT TASKS
     [ -f "$1/$4.jsonl" ] || smolvlm data synth --out "$1" --n "$2" --seed "$3" --split "$4" --tasks "$5" --json
 }
-synth "$WORK/data" "$N_TRAIN" "$SEED" train "$TRAIN_TASKS"
+if [ "$SHARDS" -eq 1 ]; then
+    synth "$WORK/data" "$N_TRAIN" "$SEED" train "$TRAIN_TASKS"
+elif [ ! -f "$WORK/data/train.jsonl" ]; then
+    pids=()
+    for k in $(seq 0 $((SHARDS - 1))); do
+        synth "$WORK/data" "$((N_TRAIN / SHARDS))" "$((SEED + 100 * k))" "train-s$k" "$TRAIN_TASKS" & pids+=($!)
+    done
+    for pid in "${pids[@]}"; do wait "$pid"; done
+    cat $(seq -f "$WORK/data/train-s%g.jsonl" 0 $((SHARDS - 1))) > "$WORK/data/train.jsonl.part"
+    mv "$WORK/data/train.jsonl.part" "$WORK/data/train.jsonl"
+fi
 synth "$WORK/data" "$N_EVAL" "$((SEED + 1))" eval "$EVAL_TASKS"
 [ -f "$WORK/base/model.safetensors" ] || python -m smolvlm.demo base --out "$WORK/base" --seed "$SEED"
 [ -f "$WORK/scene/final/model.safetensors" ] || \
@@ -43,9 +60,11 @@ python -m smolvlm.demo export --run "$WORK/run/final"
 rm -rf "$WORK/cache"
 SMOLVLM_CACHE="$WORK/cache" smolvlm eval -m demo --data "$WORK/data/eval.jsonl" --out "$WORK/eval.json"
 end=$(date +%s)
-RECIPE=$(python -c 'import json, sys; print(json.dumps({"command": "scripts/train_demo.sh", "train_tasks": sys.argv[1],
+COMMAND="SEED=$SEED STEPS1=$STEPS1 STEPS2=$STEPS2 BATCH1=$BATCH1 BATCH=$BATCH N_TRAIN=$N_TRAIN SHARDS=$SHARDS"
+COMMAND="$COMMAND DATA_WORKERS=$DATA_WORKERS scripts/train_demo.sh"
+RECIPE=$(python -c 'import json, sys; print(json.dumps({"command": sys.argv[7], "train_tasks": sys.argv[1],
     "n_train": int(sys.argv[2]), "eval_tasks": sys.argv[3], "n_eval": int(sys.argv[4]),
     "stage1": "smolvlm train " + sys.argv[5], "stage2": "smolvlm train " + sys.argv[6]}))' \
-    "$TRAIN_TASKS" "$N_TRAIN" "$EVAL_TASKS" "$N_EVAL" "${STAGE1[*]}" "${STAGE2[*]}")
+    "$TRAIN_TASKS" "$N_TRAIN" "$EVAL_TASKS" "$N_EVAL" "${STAGE1[*]}" "${STAGE2[*]}" "$COMMAND")
 python -m smolvlm.demo manifest --report "$WORK/eval.json" --eval-data "$WORK/data/eval.jsonl" --recipe "$RECIPE" \
     --seed "$SEED" --wall-time "$((end - start))"

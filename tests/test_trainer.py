@@ -190,6 +190,24 @@ def test_bad_samples_are_skipped_during_training(setup, tmp_path, caplog):
         Trainer(config)
 
 
+def test_worker_processes_build_the_same_batches(setup, tmp_path):
+    model, data = setup
+    lines = data.read_text().splitlines()[:5]
+    long = {"messages": [{"role": "user", "content": "word " * 300}, {"role": "assistant", "content": "ok"}]}
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("\n".join([*lines[:2], json.dumps(long), *lines[2:]]) + "\n")
+    (tmp_path / "images").symlink_to(data.parent / "images")
+    finals = []
+    for workers in (0, 2):
+        out = tmp_path / f"workers{workers}"
+        metrics = train(TrainConfig(model=str(model), data=str(mixed), out=str(out), max_length=200, max_steps=6,
+                                    batch_size=2, micro_batch_size=1, progress=False, tensorboard=False,
+                                    data_workers=workers))
+        assert metrics["step"] == 6 and metrics["skipped"] == 2  # the long sample, counted in the worker too
+        finals.append((out / "final" / "model.safetensors").read_bytes())
+    assert finals[0] == finals[1]
+
+
 def test_logits_mask_selects_positions_of_the_full_forward(setup):
     ckpt, data = setup
     model = load_smolvlm(ckpt).eval()

@@ -21,7 +21,6 @@ import json
 import math
 import random
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -33,6 +32,7 @@ from torch import nn
 from smolvlm.errors import ConfigError, DataError
 from smolvlm.processing import Processor
 from smolvlm.processing.image import batch_tiles, split_image
+from smolvlm.train.prefetch import prefetched
 from smolvlm.train.scene_labels import (
     N_CLASSES, NO_WORD, instance_map, patch_targets, token_word_list, token_words,
 )
@@ -227,18 +227,21 @@ def train_scene(config: Any) -> dict[str, Any]:
     order = random.Random(config.seed)
     epoch: list[int] = []
 
-    def next_scenes() -> list[dict[str, Any]]:
+    def next_picks() -> list[int]:
         picks = []
         for _ in range(config.batch_size):
             if not epoch:
                 epoch.extend(order.sample(range(len(scenes)), len(scenes)))
-            picks.append(scenes[epoch.pop()])
+            picks.append(epoch.pop())
         return picks
+
+    picks = [next_picks() for _ in range(config.max_steps)]  # the scenes of every step, fixed by the seed
+
+    def step_batch(step: int) -> dict[str, torch.Tensor]:
+        return make_batch([scenes[i] for i in picks[step]])
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="smolvlm-scenes")
-    pending: Future = pool.submit(make_batch, next_scenes())
     metrics: dict[str, Any] = {}
     start = time.perf_counter()
     from tqdm import tqdm
@@ -246,11 +249,10 @@ def train_scene(config: Any) -> dict[str, Any]:
     bar = tqdm(total=config.max_steps, desc="train scene", unit="step", disable=not config.progress,
                dynamic_ncols=True)
     vision.train()
+    batches = prefetched(step_batch, range(config.max_steps), config.data_workers)
     with (out / "log.jsonl").open("a", encoding="utf-8") as log_file:
-        for step in range(config.max_steps):
-            batch = {k: v.to(device) for k, v in pending.result().items()}
-            if step + 1 < config.max_steps:
-                pending = pool.submit(make_batch, next_scenes())
+        for step, cpu_batch in enumerate(batches):
+            batch = {k: v.to(device) for k, v in cpu_batch.items()}
             factor = lr_factor(step, config.warmup_steps, config.max_steps, config.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr * factor
@@ -272,7 +274,6 @@ def train_scene(config: Any) -> dict[str, Any]:
                             **({"words": f"{metrics['word_acc']:.3f}"} if "word_acc" in metrics else {}))
             bar.update(1)
         bar.close()
-        pool.shutdown(wait=True, cancel_futures=True)
         if eval_scenes:
             metrics["eval"] = evaluate_scenes(vision, heads, align, make_batch, eval_scenes, config.eval_batch_size,
                                               device)

@@ -26,7 +26,6 @@ import os
 import random
 import shutil
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -45,6 +44,7 @@ from smolvlm.processing import Processor
 from smolvlm.train.data import BadData, Collator, Sample, TrainBatch, load_samples
 from smolvlm.train.distill import check_same_tokenizer, distill_loss_sum, predicting_positions
 from smolvlm.train.lora import LoRAConfig, apply_lora, merge_lora, save_adapter
+from smolvlm.train.prefetch import prefetched
 from smolvlm.weights.checkpoint import load_smolvlm, save_smolvlm
 
 log = logging.getLogger("smolvlm.train")
@@ -97,6 +97,7 @@ class TrainConfig:
     fsdp: bool = False
     strict: bool = False
     scan: bool = False  # encode every sample once before training (always on under torchrun and with --strict)
+    data_workers: int = 0  # processes building batches ahead (0: one background thread; a GPU step needs several)
     log_every: int = 1
     eval_every: int = 0
     eval_limit: int = 0
@@ -132,6 +133,8 @@ class TrainConfig:
             raise ConfigError("every part is frozen: set --vision/--connector/--text to lora or full")
         if self.max_steps <= 0 or self.batch_size <= 0:
             raise ConfigError("--max-steps and --batch-size must be positive")
+        if self.data_workers < 0:
+            raise ConfigError(f"--data-workers must be 0 (a background thread) or more, got {self.data_workers}")
 
 
 @dataclass
@@ -254,8 +257,6 @@ class Trainer:
             self.resume()
         self.log_file = None
         self.tb = None
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="smolvlm-data")
-        self._next: dict[int, Future] = {}
 
     # ---- setup ----
 
@@ -344,13 +345,11 @@ class Trainer:
             batches.append(self.collator.collate(encoded) if encoded else None)
         return batches
 
-    def _prefetched(self, step: int) -> list[TrainBatch | None]:
-        """Micro-batches of `step`, encoded in a background thread one step ahead (Pillow releases the GIL)."""
-        future = self._next.pop(step, None)
-        batches = future.result() if future is not None else self.micro_batches(step)
-        if step + 1 < self.config.max_steps:
-            self._next[step + 1] = self._pool.submit(self.micro_batches, step + 1)
-        return batches
+    def _step_data(self, step: int) -> tuple[list[TrainBatch | None], dict[str, int]]:
+        """micro_batches(step) and the bad samples it skipped, by reason (a worker process's counts die with it)."""
+        before = dict(self.bad.counts)
+        batches = self.micro_batches(step)
+        return batches, {k: n - before.get(k, 0) for k, n in self.bad.counts.items() if n != before.get(k, 0)}
 
     # ---- one step ----
 
@@ -373,13 +372,16 @@ class Trainer:
             dist.all_reduce(value)
         return value
 
-    def train_step(self, step: int) -> dict[str, float]:
-        """Forward/backward over the global batch of `step`, clip, AdamW step; returns the step's metrics."""
+    def train_step(self, step: int, micro_batches: list[TrainBatch | None] | None = None) -> dict[str, float]:
+        """Forward/backward over the global batch of `step` (its micro-batches, built here unless given), clip,
+        AdamW step; returns the step's metrics."""
         config = self.config
         factor = lr_factor(step, config.warmup_steps, config.max_steps, config.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
-        batches = [b.to(self.device) for b in self._prefetched(step) if b is not None]
+        if micro_batches is None:
+            micro_batches = self.micro_batches(step)
+        batches = [b.to(self.device) for b in micro_batches if b is not None]
         counts = torch.tensor([float((b.labels[:, 1:] != -100).sum()) for b in batches] +
                               [float(b.attention_mask.sum()) for b in batches], device=self.device)
         counts = self._all_sum(counts)
@@ -427,7 +429,6 @@ class Trainer:
         try:
             metrics = self._loop()
         finally:
-            self._pool.shutdown(wait=True, cancel_futures=True)
             self._close_logs()
         return metrics
 
@@ -440,8 +441,11 @@ class Trainer:
             bar = tqdm(total=config.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         metrics: dict[str, Any] = {}
         start, tokens = time.perf_counter(), 0.0
-        while self.step < config.max_steps:
-            metrics = self.train_step(self.step)
+        for batches, skipped in prefetched(self._step_data, range(self.step, config.max_steps), config.data_workers):
+            if config.data_workers:  # built in another process: its skips were counted there
+                for reason, n in skipped.items():
+                    self.bad.counts[reason] = self.bad.counts.get(reason, 0) + n
+            metrics = self.train_step(self.step, batches)
             self.step += 1
             tokens += metrics["tokens"]
             metrics.update(step=self.step, tok_per_s=tokens / (time.perf_counter() - start), skipped=self.bad.total)
