@@ -56,6 +56,16 @@ def test_multi_image_greedy_matches_transformers(pair):
     assert _ours(ours, config, ids, mask, **vision) == _reference(hf, config, ids, mask, **vision)
 
 
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_vision_in_chunks_with_padding_tiles_matches_transformers(pair, chunk, monkeypatch):
+    config, hf, ours = pair
+    ids, mask = left_pad([image_prompt(config, tiles=n, text_before=2, text_after=3, seed=n) for n in (3, 1)])
+    pixels, pixel_mask = random_tiles(config, [3, 1], seed=4)  # row 2: two all-zero padding tiles
+    vision = dict(pixel_values=pixels, pixel_attention_mask=pixel_mask)
+    monkeypatch.setattr(generate, "VISION_CHUNK", chunk)  # chunks of real and padding tiles, split unevenly
+    assert _ours(ours, config, ids, mask, **vision) == _reference(hf, config, ids, mask, **vision)
+
+
 def test_padded_batch_greedy_matches_transformers(pair):
     config, hf, ours = pair
     gen = torch.Generator().manual_seed(5)

@@ -21,6 +21,7 @@ from smolvlm.engine.text_stream import IncrementalDetokenizer, StopStringMatcher
 from smolvlm.errors import GenerationError
 
 MAX_STOP_STRINGS = 64
+VISION_CHUNK = 8  # tiles through the vision tower at once: thousands of patches per GEMM, a bounded peak memory
 MAX_STOP_LENGTH = 256
 
 
@@ -203,6 +204,24 @@ class Engine:
         stack.enter_context(torch.cuda.stream(self._cuda_stream))
         return stack
 
+    def _synchronized_since(self, start: float) -> float:
+        """Seconds since `start` once the engine's queued GPU work has finished (at once on the CPU)."""
+        if self._cuda_stream is not None:
+            self._cuda_stream.synchronize()
+        return time.perf_counter() - start
+
+    def _image_features(self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Image tokens (n_real_tiles, tokens_per_tile, D) of a batch's tiles, VISION_CHUNK tiles at a time: the
+        tower's activations for every tile at once would set a batched request's peak memory."""
+        tiles = pixel_values.reshape(-1, *pixel_values.shape[-3:])  # (N, 3, H, W)
+        masks = None if pixel_attention_mask is None else pixel_attention_mask.reshape(-1, *pixel_attention_mask.shape[-2:])
+        features = []
+        for i in range(0, tiles.shape[0], VISION_CHUNK):
+            chunk = tiles[i : i + VISION_CHUNK].to(self.device, self.dtype)
+            mask = None if masks is None else masks[i : i + VISION_CHUNK].to(self.device)
+            features.append(self.model.encode_images(chunk, mask))
+        return torch.cat(features) if len(features) > 1 else features[0]
+
     def _logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: KVCache, **vision) -> torch.Tensor:
         """Next-token logits (B, V) for the last position."""
         if self.is_vlm:
@@ -249,21 +268,21 @@ class Engine:
             )
         ids_cpu, mask_cpu = input_ids.cpu(), attention_mask.cpu()
         rows = [self.new_row(c, ids_cpu[i][mask_cpu[i].bool()]) for i, c in enumerate(configs)]
+        start = time.perf_counter()
         with self._on_device():
             input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
             vision = {}
             if pixel_values is not None:
-                vision = {"pixel_values": pixel_values.to(device, self.dtype)}
-                if pixel_attention_mask is not None:
-                    vision["pixel_attention_mask"] = pixel_attention_mask.to(device)
+                vision = {"image_features": self._image_features(pixel_values, pixel_attention_mask)}
+        vision_seconds = self._synchronized_since(start)
+        with self._on_device():
+            # After the vision tower, so that a new decode slot's KV cache and the tower's activations never coexist.
             session, cache = self._session(attention_mask, max_new)
         try:
             start = time.perf_counter()
             with self._on_device():
                 logits = self._logits(input_ids, attention_mask, cache, **vision)  # (B, V)
-            if self._cuda_stream is not None:  # the prefill's true end, for its timing; the first token needs it
-                self._cuda_stream.synchronize()
-            prefill_seconds = time.perf_counter() - start
+            prefill_seconds = vision_seconds + self._synchronized_since(start)  # the first token needs the sync
             yield from self._decode(session, logits, rows)
         finally:
             session.close()

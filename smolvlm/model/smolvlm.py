@@ -67,6 +67,9 @@ class SmolVLM(nn.Module):
             )
         tiles = pixel_values.reshape(-1, *pixel_values.shape[-3:])  # (N, 3, H, W)
         real = tiles.flatten(1).ne(0).any(dim=1)  # (N,) all-zero tiles are padding
+        if not bool(real.any()):  # only padding (e.g. one chunk of a batch's tiles)
+            dtype = self.vision_model.embeddings.patch_embedding.weight.dtype
+            return tiles.new_zeros(0, self.config.tokens_per_tile, self.config.text.hidden_size, dtype=dtype)
         tiles = tiles[real].to(self.vision_model.embeddings.patch_embedding.weight.dtype)
         if pixel_attention_mask is None:
             patch_mask = None
