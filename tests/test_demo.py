@@ -78,12 +78,6 @@ def _cli_count(cache: Path, monkeypatch, capsys) -> str:
     return capsys.readouterr().out.strip()
 
 
-def test_cli_run_answers_with_a_count_offline(cache, demo_dir, monkeypatch, capsys):
-    assert _cli_count(cache, monkeypatch, capsys).isdigit()
-
-
-@pytest.mark.xfail(strict=True, reason="the shipped demo (under an hour of CPU training) answers '4' here: count "
-                                       "20% on the held-out set; see smolvlm/assets/demo/scores.json")
 def test_cli_run_counts_the_circles_offline(cache, demo_dir, monkeypatch, capsys):
     assert _cli_count(cache, monkeypatch, capsys) == SHAPES_CIRCLES
 
