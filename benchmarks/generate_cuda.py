@@ -4,6 +4,8 @@ Random weights at the real 256M / 500M / 2.2B shapes, written once per shape (bf
 implementation, each in its own process (its own peak-memory counter and compile caches):
   ours                   CUDA-graph decode slots (the default on a GPU)
   ours-compiled          the same with the step through torch.compile (`load(..., compile=True)`)
+  ours[-compiled]-kernel the same with each layer's rope, cache write and attention as one Triton kernel
+                         (`Engine(..., decode_kernel=True)`, model/decode_attention.py)
   transformers           generate() with its default dynamic cache
   transformers-compiled  generate() with its static cache + torch.compile (mode "default": its CUDA-graph mode,
                          "reduce-overhead", fails for SmolVLM)
@@ -32,7 +34,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from generate import RESULTS, SHAPES, _rate, _StepClock, make_prompt  # noqa: E402
 
-IMPLS = ("ours", "transformers", "ours-compiled", "transformers-compiled")
+OURS = ("ours", "ours-compiled", "ours-kernel", "ours-compiled-kernel")
+IMPLS = (*OURS, "transformers", "transformers-compiled")
 GOALS = {"256M decode b1 tok/s": 1000.0, "256M decode b32 vs transformers": 10.0, "2.2B b1 roofline fraction": 0.5}
 
 
@@ -107,7 +110,8 @@ def load(impl: str, directory: Path):
 
         model = SmolVLM.from_pretrained(directory, device="cuda", dtype=torch.bfloat16).eval()
         engine = Engine(model, lambda ids: "", eos_token_ids=[],
-                        step_mode="compiled-graphs" if impl == "ours-compiled" else "graphs")
+                        step_mode="compiled-graphs" if "compiled" in impl else "graphs",
+                        decode_kernel=impl.endswith("-kernel"))
 
         def run(prompt: dict, new_tokens: int) -> tuple[float, float]:
             batch = prompt["input_ids"].shape[0]
@@ -184,7 +188,7 @@ def summarize(report: dict) -> list[str]:
     lines, goals = [], {}
     for shape, figures in report["shapes"].items():
         ref = figures.get("transformers", {})
-        for impl in ("ours", "ours-compiled", "transformers-compiled"):
+        for impl in (*OURS, "transformers-compiled"):
             f = figures.get(impl)
             if not f or "error" in f or not ref or "error" in ref:
                 continue
@@ -196,7 +200,7 @@ def summarize(report: dict) -> list[str]:
                 ratios[key.replace("_mib", "_ratio")] = f[key] / ref[key]
             figures[f"ratios-{impl}"] = ratios
             lines.append(f"{shape:5} {impl:22} " + "  ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
-        ours = [figures[i] for i in ("ours", "ours-compiled") if i in figures and "error" not in figures[i]]
+        ours = [figures[i] for i in OURS if i in figures and "error" not in figures[i]]
         if not ours:
             continue
         best_b1 = max(f["decode_b1_tok_s"] for f in ours)
@@ -231,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="shapes that also run ours-compiled (compiling takes a minute or so per batch size)")
     parser.add_argument("--peer-compiled-shapes", nargs="*", default=["256M"],
                         help="shapes that also run transformers' static cache + torch.compile (batch 1)")
+    parser.add_argument("--kernel-shapes", nargs="*", default=["256M", "2.2B"],
+                        help="shapes that also run ours with the fused decode kernel (graphs, and compiled where "
+                             "--compiled-shapes has the shape)")
     parser.add_argument("--no-compiled", action="store_true", help="skip both compiled variants")
     parser.add_argument("--worker-timeout", type=int, default=240)
     parser.add_argument("--out", type=Path, default=RESULTS / "generate-cuda.json")
@@ -257,6 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_compiled:
         plan += [(shape, "ours-compiled") for shape in args.compiled_shapes if shape in args.shapes]
         plan += [(shape, "transformers-compiled") for shape in args.peer_compiled_shapes if shape in args.shapes]
+    for shape in [s for s in args.kernel_shapes if s in args.shapes]:
+        plan.append((shape, "ours-kernel"))
+        if not args.no_compiled and shape in args.compiled_shapes:
+            plan.append((shape, "ours-compiled-kernel"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for shape, impl in plan:

@@ -27,8 +27,9 @@ def case(request):
     return config, model, ids, mask, dict(pixel_values=pixels, pixel_attention_mask=pixel_mask)
 
 
-def _tokens(model, config, ids, mask, vision, step_mode: str, max_new=(NEW, NEW // 2)) -> list[list[int]]:
-    engine = Engine(model, str, [config.text.vocab_size - 1], step_mode=step_mode)
+def _tokens(model, config, ids, mask, vision, step_mode: str, max_new=(NEW, NEW // 2), **options
+            ) -> list[list[int]]:
+    engine = Engine(model, str, [config.text.vocab_size - 1], step_mode=step_mode, **options)
     configs = [GenerationConfig(max_new_tokens=n) for n in max_new]
     return [r.token_ids for r in engine.generate(ids, mask, configs, **vision)]
 
@@ -90,3 +91,15 @@ def test_compiled_graphs_equal_graphs(case, monkeypatch):
     gpu_model = _on_gpu(model, torch.float32)
     graphs = _tokens(gpu_model, config, ids, mask, vision, "graphs")
     assert _tokens(gpu_model, config, ids, mask, vision, "compiled-graphs") == graphs
+
+
+@pytest.mark.parametrize("step_mode", ["graphs", "compiled-graphs"])
+def test_fused_decode_kernel_equals_graphs(case, step_mode, monkeypatch):
+    """The one-kernel decode attention (Triton) in captured (and compiled) steps gives the tokens of the plain step."""
+    pytest.importorskip("triton")
+    config, model, ids, mask, vision = case
+    if step_mode == "compiled-graphs" and config.vision.patch_size != 16:
+        pytest.skip("one family is enough for the compiled step")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    plain = _tokens(_on_gpu(model, torch.float32), config, ids, mask, vision, "graphs")
+    assert _tokens(_on_gpu(model, torch.float32), config, ids, mask, vision, step_mode, decode_kernel=True) == plain

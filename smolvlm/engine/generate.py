@@ -157,11 +157,12 @@ class Engine:
     """Generates from a SmolVLM (or a text-only CausalLM) given already-processed input tensors."""
 
     def __init__(self, model: torch.nn.Module, decode: Callable[[list[int]], str], eos_token_ids: Sequence[int],
-                 step_mode: str = "auto"):
+                 step_mode: str = "auto", decode_kernel: bool = False):
         """`step_mode`: "eager" (decode attends over the cached prefix), "static" (fixed shapes: whole-cache
         attention under a mask), "compiled" (the static step through torch.compile; compiles per batch size),
         "graphs" (the static step in preallocated slots, replayed from CUDA graphs on a GPU), "compiled-graphs"
-        (both) or "auto" (`default_step_mode` for the model's device)."""
+        (both) or "auto" (`default_step_mode` for the model's device). `decode_kernel`: static steps run rope,
+        cache write and attention of each layer as one Triton kernel (`model/decode_attention.py`; needs Triton)."""
         self.model = model
         if step_mode == "auto":
             step_mode = default_step_mode(self.device)
@@ -172,6 +173,10 @@ class Engine:
         self.text_config = model.config.text if hasattr(model.config, "text") else model.config
         self.is_vlm = hasattr(model, "encode_images")
         self.step_mode = step_mode
+        if decode_kernel:
+            if step_mode == "eager":
+                raise GenerationError("decode_kernel runs the static step: pick a step_mode other than eager")
+            (model.text_model if self.is_vlm else model.model).use_decode_kernel()
         self._static_step = self._static_logits
         if step_mode.startswith("compiled"):
             self._static_step = torch.compile(self._static_logits, fullgraph=True, dynamic=False)

@@ -151,6 +151,8 @@ class Attention(FusableProjections):
         With `cache_position` ((T,) tensor) the keys/values go to those cache columns and attention covers the
         whole cache buffer under `mask` (static shapes, see TextDecoder.forward)."""
         B, T, _ = x.shape
+        if mask is not None and mask.dim() == 2:  # the static step's (B, max_len) 0/1 mask: one fused kernel
+            return self.o_proj(self._decode_kernel(x, rope, mask, cache, cache_position).view(B, 1, -1))
         q, k, v = self.project(x, rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd), (B, KV, T, hd) x2
         if cache_position is not None:
@@ -168,6 +170,20 @@ class Attention(FusableProjections):
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.num_kv_heads != self.num_heads
         )  # (B, H, T, hd)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+
+    def _decode_kernel(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], valid: torch.Tensor,
+                       cache: KVCache, cache_position: torch.Tensor) -> torch.Tensor:
+        """One new token per row through `decode_attention` (rope, cache write, attention): x (B, 1, D) -> (B, H hd)."""
+        B = x.shape[0]
+        if self.fused_ready():
+            qkv = F.linear(x, *self.fused)
+        else:  # LoRA-wrapped projections must each see the input
+            qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        cos, sin = rope  # (B, 1, 1, hd) each
+        return torch.ops.smolvlm.decode_attention(
+            qkv.view(B, -1), cos.reshape(B, -1), sin.reshape(B, -1), cache.keys[self.layer_idx],
+            cache.values[self.layer_idx], valid, cache_position, self.num_heads)
 
 
 class MLP(FusableProjections):
@@ -254,6 +270,15 @@ class TextDecoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.decode_kernel_max_len = 0  # static steps with caches up to this long use decode_attention.py's kernel
+
+    def use_decode_kernel(self, enabled: bool = True) -> None:
+        """Run static decode steps (caches up to its MAX_CACHE_LEN) through the one-kernel decode attention."""
+        from smolvlm.model import decode_attention
+
+        if enabled and not decode_attention.available():
+            raise ConfigError("the fused decode attention needs Triton (CUDA builds of torch ship it)")
+        self.decode_kernel_max_len = decode_attention.MAX_CACHE_LEN if enabled else 0
 
     def fuse_projections(self) -> None:
         """One GEMM for q/k/v and one for gate/up in every layer (inference only; kept across .to())."""
@@ -280,9 +305,11 @@ class TextDecoder(nn.Module):
             if cache is None or attention_mask is None or position_ids is None or T != 1:
                 raise GenerationError("static decoding takes one token per row with a cache, a whole-cache "
                                       "attention_mask and position_ids")
-            # Additive, built once: SDPA would otherwise turn a boolean mask into this in every layer.
-            mask = torch.zeros(attention_mask.shape, dtype=inputs_embeds.dtype, device=inputs_embeds.device)
-            mask = mask.masked_fill(attention_mask == 0, float("-inf"))[:, None, None, :]  # (B, 1, 1, max_len)
+            if cache.max_len <= self.decode_kernel_max_len:
+                mask = attention_mask  # (B, max_len) 0/1, read by the kernel as it is
+            else:  # additive, built once: SDPA would otherwise turn a boolean mask into this in every layer
+                mask = torch.zeros(attention_mask.shape, dtype=inputs_embeds.dtype, device=inputs_embeds.device)
+                mask = mask.masked_fill(attention_mask == 0, float("-inf"))[:, None, None, :]  # (B, 1, 1, max_len)
         else:
             past = cache.length if cache is not None else 0
             if attention_mask is not None and attention_mask.shape != (B, past + T):

@@ -1,0 +1,47 @@
+"""The fused decode-attention kernel (model/decode_attention.py) on the CPU, through Triton's interpreter: its output
+and cache writes equal the unfused rope + index_copy + SDPA, and engines using it decode the eager path's tokens.
+On a GPU, test_cuda.py runs it compiled."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from smolvlm.errors import ConfigError
+
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton (its interpreter runs on a CPU)")
+def test_kernel_and_engines_under_the_triton_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)])}
+    done = subprocess.run([sys.executable, str(TESTS / "decode_attention_check.py")], env=env, cwd=TESTS,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "decode attention checks passed" in done.stdout
+
+
+def test_without_triton_the_kernel_is_refused(monkeypatch):
+    from helpers_model import tiny_config
+    from smolvlm.model import decode_attention
+    from smolvlm.model.text import TextDecoder
+
+    monkeypatch.setattr(decode_attention, "available", lambda: False)
+    with pytest.raises(ConfigError, match="needs Triton"):
+        TextDecoder(tiny_config("256M").text).use_decode_kernel()
+
+
+def test_the_kernel_needs_a_static_step_mode():
+    from helpers_model import tiny_config
+    from smolvlm.engine.generate import Engine
+    from smolvlm.errors import GenerationError
+    from smolvlm.model import SmolVLM
+
+    with pytest.raises(GenerationError, match="static step"):
+        Engine(SmolVLM(tiny_config("256M")), str, [0], step_mode="eager", decode_kernel=True)
