@@ -163,6 +163,28 @@ def test_graph_slots_equal_eager_steps_as_rows_leave(pair, monkeypatch):
     assert list(engine._graphs.slots) == slots  # no slot made for it
 
 
+@pytest.mark.parametrize("step_mode", ["eager", "graphs"])
+def test_lookahead_steps_stream_the_same_pieces(pair, step_mode):
+    """Queuing step t+1 before reading step t's tokens (the GPU default) changes nothing a caller sees: the same
+    pieces in the same order, rows that stop on a string or on length, a cache that holds the wasted last step."""
+    config, _, ours = pair
+    gen = torch.Generator().manual_seed(13)
+    ids, mask = left_pad([torch.randint(1, config.image_token_id - 1, (n,), generator=gen) for n in (4, 11, 7)])
+    configs = [GenerationConfig(max_new_tokens=n) for n in (5, NEW, 8)]
+    plain = _rows_with_modes(ours, config, ids, mask, [5, NEW, 8], "eager")
+    configs[1] = GenerationConfig(max_new_tokens=NEW, stop=[" ".join(map(str, plain[1][3:5]))])
+    streams = []
+    for lookahead in (False, True):
+        engine = Engine(copy.deepcopy(ours), lambda t: " ".join(map(str, t)) + " ", [_eos(config)],
+                        step_mode=step_mode)
+        engine.lookahead = lookahead
+        results = []
+        pieces = [(p.row, p.text, p.finish_reason) for p in engine.stream(ids, mask, configs, results=results)]
+        streams.append((pieces, [(r.token_ids, r.finish_reason) for r in results]))
+    assert streams[0] == streams[1]
+    assert streams[1][1][1][1] == "stop" and [r[1] for r in streams[1][1]] == ["length", "stop", "length"]
+
+
 def test_fused_projections_keep_the_logits(pair):
     config, _, ours = pair
     model = copy.deepcopy(ours)

@@ -173,6 +173,7 @@ class Engine:
         self.text_config = model.config.text if hasattr(model.config, "text") else model.config
         self.is_vlm = hasattr(model, "encode_images")
         self.step_mode = step_mode
+        self.lookahead = self.device.type == "cuda"  # queue step t+1 before reading step t's tokens (see _decode)
         if decode_kernel:
             if step_mode == "eager":
                 raise GenerationError("decode_kernel runs the static step: pick a step_mode other than eager")
@@ -297,8 +298,13 @@ class Engine:
 
     def _decode(self, session: CacheSession | GraphSession, logits: torch.Tensor, rows: list[RowState]
                 ) -> Iterator[StreamPiece]:
-        """Sample, stream and feed back one token per active row until every row has finished."""
+        """Sample, stream and feed back one token per active row until every row has finished.
+
+        With `lookahead` (the default on a GPU) the next step is queued on the device before the host reads this
+        step's tokens, so the GPU computes while the host detokenizes and checks stops; rows that finish meanwhile
+        have one step computed for nothing, and the last step of a request is wasted."""
         active = list(range(len(rows)))  # original row index of each active row
+        ahead: torch.Tensor | None = None  # logits of the step queued before reading this one's tokens
         while True:
             step_start = time.perf_counter()
             with self._on_device():
@@ -308,7 +314,10 @@ class Engine:
                     [rows[r].generator for r in active],
                     [rows[r].history for r in active] if any(rows[r].params.repetition_penalty != 1.0 for r in active) else None,
                 )  # (B',) on the device
-                tokens = sampled.tolist()  # the one sync per step
+                read = self._reader(sampled)
+                if self.lookahead:
+                    ahead = session.next_logits(sampled[:, None])  # (B', V), queued behind the copy of `sampled`
+                tokens = read()  # the one sync per step
             keep = []
             for slot, (r, token) in enumerate(zip(active, tokens)):
                 piece = self.advance_row(rows[r], token)
@@ -321,12 +330,29 @@ class Engine:
             with self._on_device():
                 if len(keep) < len(active):
                     session.keep(keep)
-                    sampled = sampled[torch.tensor(keep, device=sampled.device)]
+                    index = torch.tensor(keep, device=sampled.device)
+                    sampled = sampled[index]
+                    ahead = None if ahead is None else ahead[index]
                     active = [active[s] for s in keep]
-                logits = session.next_logits(sampled[:, None])  # (B', V)
+                logits = ahead if ahead is not None else session.next_logits(sampled[:, None])  # (B', V)
             elapsed = time.perf_counter() - step_start
             for r in active:
                 rows[r].decode_seconds += elapsed
+
+    def _reader(self, sampled: torch.Tensor) -> Callable[[], list[int]]:
+        """A function giving `sampled` as a list: on a GPU it waits only for a copy queued now, not for later work."""
+        if self._cuda_stream is None:
+            return sampled.tolist
+        host = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=True)
+        host.copy_(sampled, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record(self._cuda_stream)
+
+        def read() -> list[int]:
+            copied.synchronize()
+            return host.tolist()
+
+        return read
 
     def generate(
         self,
