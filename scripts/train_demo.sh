@@ -8,7 +8,10 @@
 # Usage: scripts/train_demo.sh [WORK_DIR]
 #   env: SEED, STEPS1, STEPS2, BATCH1 (stage 1), BATCH (stage 2), N_TRAIN, N_EVAL, THREADS,
 #        SHARDS (training data written by this many parallel `data synth` runs, shard k seeded SEED + 100k),
-#        DATA_WORKERS (processes building batches; a GPU needs several, the CPU recipe uses a background thread)
+#        DATA_WORKERS (processes building batches; a GPU needs several, the CPU recipe uses a background thread),
+#        PREPARE_ONLY=1 (stop after the data and the base),
+#        TIME_BUDGET=S (time a few steps of each stage, then choose STEPS1/STEPS2 to spend S seconds of training
+#        steps, SCENE_SHARE (0.3) of them on stage 1)
 # Steps already done (data written, a stage's final/ folder present) are skipped, so a stopped run can be rerun.
 set -euo pipefail
 WORK=${1:-runs/demo}
@@ -24,13 +27,16 @@ N_EVAL=${N_EVAL:-280}
 export OMP_NUM_THREADS=${THREADS:-2}
 TRAIN_TASKS="colour=1,exists=1,count=1.5,spatial=1,ocr=1.5,grounding=0.5,chart=1.5"
 EVAL_TASKS="colour,exists,count,spatial,ocr,grounding,chart"
-STAGE1=(--objective scene --vision full --connector full --lr 1e-3 --weight-decay 0.05 --warmup-steps 30 --min-lr-ratio 0.05
-        --batch-size "$BATCH1" --max-steps "$STEPS1" --eval-data "$WORK/data/eval.jsonl" --eval-batch-size 32
-        --seed "$SEED" --log-every 10 --data-workers "$DATA_WORKERS")
-STAGE2=(--vision frozen --connector full --connector-lr 5e-5 --text lora --lora-r 16 --lora-alpha 32 --lr 5e-4
-        --warmup-steps 20 --min-lr-ratio 0.1 --max-steps "$STEPS2" --batch-size "$BATCH"
-        --seed "$SEED" --save-every 50 --keep-last 1 --log-every 1 --no-tensorboard --resume
-        --data-workers "$DATA_WORKERS")
+define_stages() {  # the two stages' arguments for the current STEPS1 / STEPS2
+    STAGE1=(--objective scene --vision full --connector full --lr 1e-3 --weight-decay 0.05 --warmup-steps 30 --min-lr-ratio 0.05
+            --batch-size "$BATCH1" --max-steps "$STEPS1" --eval-data "$WORK/data/eval.jsonl" --eval-batch-size 32
+            --seed "$SEED" --log-every 10 --data-workers "$DATA_WORKERS")
+    STAGE2=(--vision frozen --connector full --connector-lr 5e-5 --text lora --lora-r 16 --lora-alpha 32 --lr 5e-4
+            --warmup-steps 20 --min-lr-ratio 0.1 --max-steps "$STEPS2" --batch-size "$BATCH"
+            --seed "$SEED" --save-every 50 --keep-last 1 --log-every 1 --no-tensorboard --resume
+            --data-workers "$DATA_WORKERS")
+}
+define_stages
 start=$(date +%s)
 mkdir -p "$WORK"
 
@@ -41,15 +47,32 @@ if [ "$SHARDS" -eq 1 ]; then
     synth "$WORK/data" "$N_TRAIN" "$SEED" train "$TRAIN_TASKS"
 elif [ ! -f "$WORK/data/train.jsonl" ]; then
     pids=()
-    for k in $(seq 0 $((SHARDS - 1))); do
-        synth "$WORK/data" "$((N_TRAIN / SHARDS))" "$((SEED + 100 * k))" "train-s$k" "$TRAIN_TASKS" & pids+=($!)
+    for k in $(seq 0 $((SHARDS - 1))); do  # shard k in data/s$k/; its image paths gain that folder below
+        synth "$WORK/data/s$k" "$((N_TRAIN / SHARDS))" "$((SEED + 100 * k))" train "$TRAIN_TASKS" & pids+=($!)
     done
     for pid in "${pids[@]}"; do wait "$pid"; done
-    cat $(seq -f "$WORK/data/train-s%g.jsonl" 0 $((SHARDS - 1))) > "$WORK/data/train.jsonl.part"
+    for k in $(seq 0 $((SHARDS - 1))); do sed "s#\"images/#\"s$k/images/#g; s#\"id\": \"train-#\"id\": \"s$k-train-#" "$WORK/data/s$k/train.jsonl"; done \
+        > "$WORK/data/train.jsonl.part"
     mv "$WORK/data/train.jsonl.part" "$WORK/data/train.jsonl"
 fi
 synth "$WORK/data" "$N_EVAL" "$((SEED + 1))" eval "$EVAL_TASKS"
 [ -f "$WORK/base/model.safetensors" ] || python -m smolvlm.demo base --out "$WORK/base" --seed "$SEED"
+[ -z "${PREPARE_ONLY:-}" ] || exit 0  # data and base only
+
+if [ -n "${TIME_BUDGET:-}" ] && [ ! -f "$WORK/run/final/model.safetensors" ]; then
+    # Time a few steps of each stage, then spend TIME_BUDGET seconds of training steps (SCENE_SHARE on stage 1).
+    # The steps chosen are recorded in the manifest's command, which reproduces them without a budget.
+    rm -rf "$WORK/timing"
+    smolvlm train --model "$WORK/base" --data "$WORK/data/train.jsonl" --out "$WORK/timing/scene" "${STAGE1[@]}" \
+        --max-steps 40 --eval-data "" --log-every 5 --no-progress
+    smolvlm train --model "$WORK/base" --data "$WORK/data/train.jsonl" --out "$WORK/timing/lm" "${STAGE2[@]}" \
+        --max-steps 20 --no-progress
+    plan=$(python -m smolvlm.demo plan --scene-log "$WORK/timing/scene/log.jsonl" \
+        --lm-log "$WORK/timing/lm/log.jsonl" --budget "$TIME_BUDGET" --scene-share "${SCENE_SHARE:-0.3}")
+    read -r STEPS1 STEPS2 <<< "$plan"
+    echo "TIME_BUDGET=$TIME_BUDGET s -> STEPS1=$STEPS1 STEPS2=$STEPS2"
+    define_stages
+fi
 [ -f "$WORK/scene/final/model.safetensors" ] || \
     smolvlm train --model "$WORK/base" --data "$WORK/data/train.jsonl" --out "$WORK/scene" "${STAGE1[@]}"
 [ -f "$WORK/run/final/model.safetensors" ] || \

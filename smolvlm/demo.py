@@ -27,7 +27,7 @@ from tokenizers import AddedToken
 from tqdm import tqdm
 
 from smolvlm.config import SmolVLMConfig, VisionConfig
-from smolvlm.errors import CheckpointError, SmolVLMError
+from smolvlm.errors import CheckpointError, ConfigError, DataError, SmolVLMError
 from smolvlm.model.smolvlm import SmolVLM
 from smolvlm.processing import Processor, Tokenizer
 from smolvlm.processing.image import ImageProcessorConfig
@@ -293,6 +293,27 @@ def write_manifest(assets: str | Path, recipe: dict[str, Any], seed: int, wall_t
     return path
 
 
+def seconds_per_step(log: str | Path) -> float:
+    """Steady-state seconds per step of a short timing run, from its log.jsonl (`elapsed_s` between its first and
+    last logged steps: the first step also holds start-up and warm-up)."""
+    rows = [json.loads(line) for line in Path(log).read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [r for r in rows if "elapsed_s" in r]
+    if len(rows) < 2 or rows[-1]["step"] <= rows[0]["step"]:
+        raise DataError(f"{log}: a timing run needs at least two logged steps with elapsed_s")
+    return (rows[-1]["elapsed_s"] - rows[0]["elapsed_s"]) / (rows[-1]["step"] - rows[0]["step"])
+
+
+def plan_steps(scene_log: str | Path, lm_log: str | Path, budget_s: float, scene_share: float) -> tuple[int, int]:
+    """Steps of stage 1 and stage 2 that spend `budget_s` seconds of training, `scene_share` of it on stage 1."""
+    if budget_s <= 0 or not 0 < scene_share < 1:
+        raise ConfigError(f"need a positive budget and 0 < scene share < 1, got {budget_s} and {scene_share}")
+    steps1 = int(round(scene_share * budget_s / seconds_per_step(scene_log), 6))  # whole steps, float noise aside
+    steps2 = int(round((1 - scene_share) * budget_s / seconds_per_step(lm_log), 6))
+    if min(steps1, steps2) < 1:
+        raise ConfigError(f"a budget of {budget_s:.0f} s buys no step of one stage ({steps1}, {steps2})")
+    return steps1, steps2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m smolvlm.demo {base,export,manifest,path}`: the recipe's steps and the assembled folder's path."""
     parser = argparse.ArgumentParser(prog="python -m smolvlm.demo")
@@ -311,6 +332,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     manifest.add_argument("--seed", type=int, required=True)
     manifest.add_argument("--wall-time", type=float, required=True, help="seconds the recipe took")
     manifest.add_argument("--assets", default=str(ASSETS))
+    plan = sub.add_parser("plan", help="print STEPS1 STEPS2 that fill a time budget, from two short timing runs")
+    plan.add_argument("--scene-log", required=True, help="log.jsonl of a few stage-1 steps")
+    plan.add_argument("--lm-log", required=True, help="log.jsonl of a few stage-2 steps")
+    plan.add_argument("--budget", type=float, required=True, help="seconds of training steps, both stages")
+    plan.add_argument("--scene-share", type=float, default=0.3, help="part of the budget for stage 1")
     sub.add_parser("path", help="assemble (if needed) and print the demo folder")
     args = parser.parse_args(argv)
     try:
@@ -326,6 +352,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(write_manifest(assets, json.loads(args.recipe), args.seed, args.wall_time, report["table"], goals))
             for goal, row in goals.items():
                 print(f"{goal:<14} {100 * row['score']:5.1f}%  (goal {100 * row['goal']:.0f}%, n={row['n']})")
+        elif args.command == "plan":
+            print(*plan_steps(args.scene_log, args.lm_log, args.budget, args.scene_share))
         else:
             print(demo_checkpoint())
     except SmolVLMError as e:

@@ -12,7 +12,7 @@ import torch
 import smolvlm
 import smolvlm.demo as demo
 from smolvlm import cli
-from smolvlm.errors import CheckpointError
+from smolvlm.errors import CheckpointError, ConfigError, DataError
 from smolvlm.processing.chat import ChatTemplate
 from smolvlm.weights.gguf import find_smollm2_gguf
 
@@ -102,3 +102,21 @@ def test_shipped_assets_are_small_and_scored():
     scores = json.loads((demo.ASSETS / demo.SCORES).read_text())
     assert manifest["scores"] == scores
     assert all(scores[task]["n"] > 0 and 0.0 <= scores[task]["score"] <= 1.0 for task in GOAL_TASKS)
+
+
+def test_plan_steps_fill_a_time_budget(tmp_path):
+    plan_steps, seconds_per_step = demo.plan_steps, demo.seconds_per_step
+    scene, lm = tmp_path / "scene.jsonl", tmp_path / "lm.jsonl"
+    # Start-up makes the first logged step slow; steady state: 0.05 s a scene step, 0.2 s an LM step.
+    scene.write_text("\n".join(json.dumps({"step": s, "elapsed_s": 3.0 + 0.05 * (s - 5)}) for s in (5, 10, 40)))
+    lm.write_text("\n".join([json.dumps({"step": 1, "elapsed_s": 4.0, "loss": 2.0}),
+                             json.dumps({"step": 20, "elapsed_s": 4.0 + 0.2 * 19})]))
+    assert seconds_per_step(scene) == pytest.approx(0.05) and seconds_per_step(lm) == pytest.approx(0.2)
+    assert plan_steps(scene, lm, budget_s=100, scene_share=0.3) == (600, 350)
+    with pytest.raises(ConfigError, match="buys no step"):
+        plan_steps(scene, lm, budget_s=0.1, scene_share=0.3)
+    with pytest.raises(ConfigError, match="scene share"):
+        plan_steps(scene, lm, budget_s=100, scene_share=1.5)
+    lm.write_text(json.dumps({"step": 1, "elapsed_s": 4.0}))
+    with pytest.raises(DataError, match="at least two logged steps"):
+        seconds_per_step(lm)

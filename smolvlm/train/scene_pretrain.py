@@ -261,8 +261,9 @@ def train_scene(config: Any) -> dict[str, Any]:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip or float("inf"))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            metrics = {"step": step + 1, "lr": lr * factor, "grad_norm": float(grad_norm),
-                       "pictures_per_s": (step + 1) * config.batch_size / (time.perf_counter() - start),
+            elapsed = time.perf_counter() - start
+            metrics = {"step": step + 1, "lr": lr * factor, "grad_norm": float(grad_norm), "elapsed_s": elapsed,
+                       "pictures_per_s": (step + 1) * config.batch_size / elapsed,
                        **{k: float(v.detach()) for k, v in losses.items()}}
             if not math.isfinite(metrics["loss"]):
                 raise DataError(f"scene objective: the loss became {metrics['loss']} at step {step + 1}; "

@@ -448,7 +448,8 @@ class Trainer:
             metrics = self.train_step(self.step, batches)
             self.step += 1
             tokens += metrics["tokens"]
-            metrics.update(step=self.step, tok_per_s=tokens / (time.perf_counter() - start), skipped=self.bad.total)
+            elapsed = time.perf_counter() - start
+            metrics.update(step=self.step, tok_per_s=tokens / elapsed, elapsed_s=elapsed, skipped=self.bad.total)
             if self.step % config.log_every == 0 or self.step == config.max_steps:
                 self._log(metrics)
             if bar is not None:
