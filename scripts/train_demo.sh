@@ -9,6 +9,7 @@
 #   env: SEED, STEPS1, STEPS2, BATCH1 (stage 1), BATCH (stage 2), N_TRAIN, N_EVAL, THREADS,
 #        SHARDS (training data written by this many parallel `data synth` runs, shard k seeded SEED + 100k),
 #        DATA_WORKERS (processes building batches; a GPU needs several, the CPU recipe uses a background thread),
+#        COMPILE=1 (both stages torch.compile their layers: fewer, larger kernels for a GPU),
 #        PREPARE_ONLY=1 (stop after the data and the base),
 #        TIME_BUDGET=S (time a few steps of each stage, then choose STEPS1/STEPS2 to spend S seconds of training
 #        steps, SCENE_SHARE (0.3) of them on stage 1)
@@ -22,6 +23,7 @@ BATCH=${BATCH:-8}
 BATCH1=${BATCH1:-32}
 SHARDS=${SHARDS:-1}
 DATA_WORKERS=${DATA_WORKERS:-0}
+COMPILE=${COMPILE:-}
 N_TRAIN=${N_TRAIN:-6000}
 N_EVAL=${N_EVAL:-280}
 export OMP_NUM_THREADS=${THREADS:-2}
@@ -30,11 +32,11 @@ EVAL_TASKS="colour,exists,count,spatial,ocr,grounding,chart"
 define_stages() {  # the two stages' arguments for the current STEPS1 / STEPS2
     STAGE1=(--objective scene --vision full --connector full --lr 1e-3 --weight-decay 0.05 --warmup-steps 30 --min-lr-ratio 0.05
             --batch-size "$BATCH1" --max-steps "$STEPS1" --eval-data "$WORK/data/eval.jsonl" --eval-batch-size 32
-            --seed "$SEED" --log-every 10 --data-workers "$DATA_WORKERS")
+            --seed "$SEED" --log-every 10 --data-workers "$DATA_WORKERS" ${COMPILE:+--compile})
     STAGE2=(--vision frozen --connector full --connector-lr 5e-5 --text lora --lora-r 16 --lora-alpha 32 --lr 5e-4
             --warmup-steps 20 --min-lr-ratio 0.1 --max-steps "$STEPS2" --batch-size "$BATCH"
             --seed "$SEED" --save-every 50 --keep-last 1 --log-every 1 --no-tensorboard --resume
-            --data-workers "$DATA_WORKERS")
+            --data-workers "$DATA_WORKERS" ${COMPILE:+--compile})
 }
 define_stages
 start=$(date +%s)
@@ -84,7 +86,7 @@ rm -rf "$WORK/cache"
 SMOLVLM_CACHE="$WORK/cache" smolvlm eval -m demo --data "$WORK/data/eval.jsonl" --out "$WORK/eval.json"
 end=$(date +%s)
 COMMAND="SEED=$SEED STEPS1=$STEPS1 STEPS2=$STEPS2 BATCH1=$BATCH1 BATCH=$BATCH N_TRAIN=$N_TRAIN SHARDS=$SHARDS"
-COMMAND="$COMMAND DATA_WORKERS=$DATA_WORKERS scripts/train_demo.sh"
+COMMAND="$COMMAND DATA_WORKERS=$DATA_WORKERS${COMPILE:+ COMPILE=$COMPILE} scripts/train_demo.sh"
 RECIPE=$(python -c 'import json, sys; print(json.dumps({"command": sys.argv[7], "train_tasks": sys.argv[1],
     "n_train": int(sys.argv[2]), "eval_tasks": sys.argv[3], "n_eval": int(sys.argv[4]),
     "stage1": "smolvlm train " + sys.argv[5], "stage2": "smolvlm train " + sys.argv[6]}))' \

@@ -74,15 +74,15 @@ def test_patch_targets_summarise_the_map():
         patch_targets(scene, 24)
 
 
-@pytest.mark.parametrize("connector, workers", [("frozen", 0), ("full", 2)])
-def test_scene_stage_trains_the_vision_tower_and_aligns_the_connector(tmp_path, connector, workers):
+@pytest.mark.parametrize("connector, workers, compile", [("frozen", 0, False), ("full", 2, True)])
+def test_scene_stage_trains_the_vision_tower_and_aligns_the_connector(tmp_path, connector, workers, compile):
     torch.set_num_threads(1)
     ckpt = trainable_checkpoint(tmp_path / "ckpt")
     data = synthetic_set(tmp_path / "data", 48, tasks="colour,count,ocr,chart")
     out = tmp_path / "scene"
     metrics = train(TrainConfig(objective="scene", model=str(ckpt), data=str(data), out=str(out), vision="full",
                                 connector=connector, lr=3e-3, max_steps=40, batch_size=16, warmup_steps=2,
-                                eval_data=str(data), progress=False, data_workers=workers))
+                                eval_data=str(data), progress=False, data_workers=workers, compile=compile))
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     first, last = log[0], [r for r in log if "class_ce" in r][-1]
     assert last["step"] == 40

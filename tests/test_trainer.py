@@ -164,6 +164,21 @@ def test_gradient_checkpointing_gives_the_same_step(setup, tmp_path):
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(params[0][1], params[1][1]))
 
 
+def test_compiled_layers_give_the_same_steps(setup, tmp_path):
+    model, data = setup
+    runs = []
+    for compile in (False, True):
+        trainer = Trainer(TrainConfig(model=str(model), data=str(data), out=str(tmp_path / str(compile)),
+                                      vision="frozen", connector="full", text="lora", lora_r=4, max_steps=2,
+                                      batch_size=4, compile=compile, progress=False, tensorboard=False))
+        losses = [trainer.train_step(step)["loss"] for step in range(2)]
+        runs.append((losses, [p.detach().clone() for _, p in trainer.trainable]))
+    assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(runs[0][1], runs[1][1]))
+    with pytest.raises(ConfigError, match="do not combine"):
+        TrainConfig(model="m", data="d", compile=True, gradient_checkpointing=True).check()
+
+
 def test_schedule_and_cli_errors(setup, capsys):
     assert lr_factor(0, 4, 100, 0.1) == 0.25 and lr_factor(3, 4, 100, 0.1) == 1.0
     assert lr_factor(100, 4, 100, 0.1) == pytest.approx(0.1) and 0.1 < lr_factor(50, 4, 100, 0.1) < 1.0

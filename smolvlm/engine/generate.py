@@ -220,7 +220,9 @@ class Engine:
         """Image tokens (n_real_tiles, tokens_per_tile, D) of a batch's tiles, VISION_CHUNK tiles at a time: the
         tower's activations for every tile at once would set a batched request's peak memory."""
         tiles = pixel_values.reshape(-1, *pixel_values.shape[-3:])  # (N, 3, H, W)
-        masks = None if pixel_attention_mask is None else pixel_attention_mask.reshape(-1, *pixel_attention_mask.shape[-2:])
+        masks = pixel_attention_mask
+        if masks is not None:
+            masks = masks.reshape(-1, *masks.shape[-2:])  # (N, H, W)
         features = []
         for i in range(0, tiles.shape[0], VISION_CHUNK):
             chunk = tiles[i : i + VISION_CHUNK].to(self.device, self.dtype)

@@ -198,7 +198,7 @@ def scene_stage_losses(vision: nn.Module, heads: SceneHeads, align: Alignment | 
 def train_scene(config: Any) -> dict[str, Any]:
     """Run the scene objective described by a TrainConfig; writes OUT/final and OUT/log.jsonl."""
     from smolvlm.api import resolve_device
-    from smolvlm.train.trainer import lr_factor, save_run_folder
+    from smolvlm.train.trainer import compile_layers, lr_factor, save_run_folder
 
     if config.vision != "full":
         raise ConfigError("--objective scene trains the whole vision tower: set --vision full")
@@ -211,6 +211,8 @@ def train_scene(config: Any) -> dict[str, Any]:
     device = resolve_device(config.device)
     processor = Processor.from_pretrained(config.model)
     model = load_smolvlm(config.model, device=device, dtype=torch.float32)
+    if config.compile:
+        compile_layers(model)
     vision = model.vision_model
     heads = SceneHeads(model.config.vision.hidden_size).to(device)
     params = [p for p in vision.parameters()] + list(heads.parameters())
