@@ -174,10 +174,10 @@ class Engine:
         self.is_vlm = hasattr(model, "encode_images")
         self.step_mode = step_mode
         self.lookahead = self.device.type == "cuda"  # queue step t+1 before reading step t's tokens (see _decode)
-        if decode_kernel:
-            if step_mode == "eager":
-                raise GenerationError("decode_kernel runs the static step: pick a step_mode other than eager")
-            (model.text_model if self.is_vlm else model.model).use_decode_kernel()
+        if decode_kernel and step_mode == "eager":
+            raise GenerationError("decode_kernel runs the static step: pick a step_mode other than eager")
+        # A model's decoder follows its most recent engine's choice.
+        (model.text_model if self.is_vlm else model.model).use_decode_kernel(decode_kernel)
         self._static_step = self._static_logits
         if step_mode.startswith("compiled"):
             self._static_step = torch.compile(self._static_logits, fullgraph=True, dynamic=False)

@@ -33,9 +33,8 @@ if available():
     def _decode_attention_kernel(
         qkv_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, valid_ptr, position_ptr, out_ptr,
         stride_qkv_b, stride_rope_b, stride_cache_b, stride_cache_h, stride_cache_l, stride_valid_b, stride_out_b,
-        scale,
-        CACHE_LEN: tl.constexpr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-        HALF: tl.constexpr, BLOCK: tl.constexpr,
+        scale, CACHE_LEN: tl.constexpr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
+        GROUP_PAD: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr,
     ):
         row = tl.program_id(0)
         kv_head = tl.program_id(1)
