@@ -642,7 +642,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
         return train_scene(config)
     trainer = Trainer(config)
     try:
-        return trainer.train()
+        metrics = trainer.train()
+        if dist.is_initialized():
+            dist.barrier()  # every rank done with its last collective before any tears the group down
+        return metrics
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
