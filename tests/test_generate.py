@@ -10,7 +10,7 @@ import torch
 from helpers_model import hf_smolvlm, image_prompt, left_pad, ours_from_hf, random_tiles, tiny_config
 from smolvlm.engine import generate
 from smolvlm.engine.generate import Engine, GenerationConfig
-from smolvlm.errors import GenerationError
+from smolvlm.errors import GenerationError, ImageError
 
 NEW = 12
 
@@ -113,6 +113,13 @@ def test_bad_options_and_context_overflow(pair):
     ids = torch.ones(1, 4, dtype=torch.long)
     with pytest.raises(GenerationError, match="context"):
         engine.generate(ids, torch.ones_like(ids), [GenerationConfig(max_new_tokens=10**6)])
+    prompt = image_prompt(config, tiles=2, text_before=2, text_after=2, seed=1)[None]
+    pixels, pixel_mask = random_tiles(config, [2], seed=2)
+    with pytest.raises(ImageError, match="pixel_values must be"):  # checked before the tiles go in chunks
+        engine.generate(prompt, torch.ones_like(prompt), [GenerationConfig()], pixel_values=pixels[0, 0])
+    with pytest.raises(ImageError, match="does not match pixel_values"):
+        engine.generate(prompt, torch.ones_like(prompt), [GenerationConfig()], pixel_values=pixels,
+                        pixel_attention_mask=pixel_mask[:, :1])
 
 
 def _rows_with_modes(model, config, ids, mask, max_new: list[int], step_mode: str, **vision) -> list[list[int]]:

@@ -174,10 +174,10 @@ class Engine:
         self.is_vlm = hasattr(model, "encode_images")
         self.step_mode = step_mode
         self.lookahead = self.device.type == "cuda"  # queue step t+1 before reading step t's tokens (see _decode)
+        decoder = model.text_model if self.is_vlm else model.model
         if decode_kernel and step_mode == "eager":
             raise GenerationError("decode_kernel runs the static step: pick a step_mode other than eager")
-        # A model's decoder follows its most recent engine's choice.
-        (model.text_model if self.is_vlm else model.model).use_decode_kernel(decode_kernel)
+        decoder.use_decode_kernel(decode_kernel)  # a model's decoder follows its most recent engine's choice
         self._static_step = self._static_logits
         if step_mode.startswith("compiled"):
             self._static_step = torch.compile(self._static_logits, fullgraph=True, dynamic=False)
@@ -188,7 +188,7 @@ class Engine:
         self._graphs: GraphedDecoder | None = None
         if step_mode.endswith("graphs"):
             # Fewer, larger GEMMs: on a GPU a small decode step is bound by its kernel count.
-            (model.text_model if self.is_vlm else model.model).fuse_projections()
+            decoder.fuse_projections()
             self._graphs = GraphedDecoder(self._static_step, self.text_config, self.dtype, self.device)
 
     @property
@@ -219,10 +219,7 @@ class Engine:
     def _image_features(self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Image tokens (n_real_tiles, tokens_per_tile, D) of a batch's tiles, VISION_CHUNK tiles at a time: the
         tower's activations for every tile at once would set a batched request's peak memory."""
-        tiles = pixel_values.reshape(-1, *pixel_values.shape[-3:])  # (N, 3, H, W)
-        masks = pixel_attention_mask
-        if masks is not None:
-            masks = masks.reshape(-1, *masks.shape[-2:])  # (N, H, W)
+        tiles, masks = self.model.flat_tiles(pixel_values, pixel_attention_mask)  # (N, 3, H, W), (N, H, W)
         features = []
         for i in range(0, tiles.shape[0], VISION_CHUNK):
             chunk = tiles[i : i + VISION_CHUNK].to(self.device, self.dtype)

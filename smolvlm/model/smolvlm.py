@@ -53,6 +53,25 @@ class SmolVLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.text_model.embed_tokens.weight
 
+    @staticmethod
+    def flat_tiles(pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Tiles (B, max_tiles, 3, H, W) or (N, 3, H, W) as (N, 3, H, W), and their pixel mask as (N, H, W);
+        ImageError when the shapes do not fit."""
+        if pixel_values.dim() not in (4, 5):
+            raise ImageError(
+                f"pixel_values must be (batch, tiles, 3, H, W) or (tiles, 3, H, W), got {tuple(pixel_values.shape)}"
+            )
+        tiles = pixel_values.reshape(-1, *pixel_values.shape[-3:])  # (N, 3, H, W)
+        if pixel_attention_mask is None:
+            return tiles, None
+        if pixel_attention_mask.shape[:-2] != pixel_values.shape[:-3]:
+            raise ImageError(
+                f"pixel_attention_mask {tuple(pixel_attention_mask.shape)} does not match pixel_values "
+                f"{tuple(pixel_values.shape)}"
+            )
+        return tiles, pixel_attention_mask.reshape(-1, *pixel_attention_mask.shape[-2:])  # (N, H, W)
+
     def encode_images(
         self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -61,26 +80,15 @@ class SmolVLM(nn.Module):
         All-zero tiles are batch padding and are dropped; `pixel_attention_mask` ((B, max_tiles, H, W) or
         (N, H, W), True = real pixel) marks the real extent of padded tiles.
         """
-        if pixel_values.dim() not in (4, 5):
-            raise ImageError(
-                f"pixel_values must be (batch, tiles, 3, H, W) or (tiles, 3, H, W), got {tuple(pixel_values.shape)}"
-            )
-        tiles = pixel_values.reshape(-1, *pixel_values.shape[-3:])  # (N, 3, H, W)
+        tiles, pixel_mask = self.flat_tiles(pixel_values, pixel_attention_mask)
         real = tiles.flatten(1).ne(0).any(dim=1)  # (N,) all-zero tiles are padding
+        dtype = self.vision_model.embeddings.patch_embedding.weight.dtype
         if not bool(real.any()):  # only padding (e.g. one chunk of a batch's tiles)
-            dtype = self.vision_model.embeddings.patch_embedding.weight.dtype
             return tiles.new_zeros(0, self.config.tokens_per_tile, self.config.text.hidden_size, dtype=dtype)
-        tiles = tiles[real].to(self.vision_model.embeddings.patch_embedding.weight.dtype)
-        if pixel_attention_mask is None:
-            patch_mask = None
-        else:
-            if pixel_attention_mask.shape[:-2] != pixel_values.shape[:-3]:
-                raise ImageError(
-                    f"pixel_attention_mask {tuple(pixel_attention_mask.shape)} does not match pixel_values "
-                    f"{tuple(pixel_values.shape)}"
-                )
-            pixel_mask = pixel_attention_mask.reshape(-1, *pixel_attention_mask.shape[-2:])[real].bool()
-            patch_mask = patch_mask_from_pixels(pixel_mask, self.config.vision.patch_size)
+        tiles = tiles[real].to(dtype)
+        patch_mask = None
+        if pixel_mask is not None:
+            patch_mask = patch_mask_from_pixels(pixel_mask[real].bool(), self.config.vision.patch_size)
         return self.connector(self.vision_model(tiles, patch_mask))  # (n_real, tokens_per_tile, D)
 
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
