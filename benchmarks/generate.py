@@ -32,18 +32,20 @@ RESULTS = Path(__file__).parent / "results"
 TEXT_TOKENS = (1, 11, 23, 57, 99, 131, 17, 42)  # a short made-up question around the image tokens
 
 
-def build_checkpoint(shape: str, directory: Path, seed: int = 0) -> None:
-    """Write a random-weight SmolVLM folder at a preset's real shape."""
+def build_checkpoint(shape: str, directory: Path, seed: int = 0, device: str = "cpu",
+                     dtype: torch.dtype = torch.float32) -> None:
+    """Write a random-weight SmolVLM folder at a preset's real shape, initialised on `device` (a GPU takes seconds)
+    and saved in `dtype`."""
     from smolvlm.config import preset
     from smolvlm.model.smolvlm import SmolVLM
 
     torch.manual_seed(seed)
-    config = preset(SHAPES[shape])
-    model = SmolVLM(config)
+    with torch.device(device):
+        model = SmolVLM(preset(SHAPES[shape]))
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.02)
-    model.save_pretrained(directory)
+    model.to("cpu", dtype).save_pretrained(directory)
 
 
 def make_prompt(config, tiles: int, batch: int) -> dict[str, torch.Tensor]:
@@ -174,7 +176,9 @@ def ratios(ours: dict, ref: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write JSON to benchmarks/results/."""
     argv = sys.argv[1:] if argv is None else argv
-    if "cuda" in argv and argv.index("cuda") > 0 and argv[argv.index("cuda") - 1] == "--device":
+    device = argparse.ArgumentParser(add_help=False)
+    device.add_argument("--device", default="cpu")
+    if device.parse_known_args(argv)[0].device == "cuda":
         import generate_cuda
 
         return generate_cuda.main(argv)

@@ -32,25 +32,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from generate import RESULTS, SHAPES, _rate, _StepClock, make_prompt  # noqa: E402
+from generate import RESULTS, SHAPES, _rate, _StepClock, build_checkpoint, make_prompt  # noqa: E402
 
 OURS = ("ours", "ours-compiled", "ours-kernel", "ours-compiled-kernel")
 IMPLS = (*OURS, "transformers", "transformers-compiled")
 GOALS = {"256M decode b1 tok/s": 1000.0, "256M decode b32 vs transformers": 10.0, "2.2B b1 roofline fraction": 0.5}
-
-
-def build_checkpoint(shape: str, directory: Path, seed: int = 0) -> None:
-    """Write a random-weight bf16 SmolVLM folder at a preset's real shape (initialised on the GPU: seconds)."""
-    from smolvlm.config import preset
-    from smolvlm.model.smolvlm import SmolVLM
-
-    torch.manual_seed(seed)
-    with torch.device("cuda"):
-        model = SmolVLM(preset(SHAPES[shape]))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.02)
-    model.to("cpu", torch.bfloat16).save_pretrained(directory)
 
 
 def copy_bandwidth(gib: int = 1, repeats: int = 20) -> float:
@@ -274,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             directory = Path(tmp) / shape
             if not directory.exists():
                 start = time.perf_counter()
-                build_checkpoint(shape, directory)
+                build_checkpoint(shape, directory, device="cuda", dtype=torch.bfloat16)
                 print(f"{shape}: checkpoint written in {time.perf_counter() - start:.1f}s", file=sys.stderr)
             batches = [1] if impl == "transformers-compiled" else args.batches
             cmd = [sys.executable, __file__, "--worker", impl, "--checkpoint", str(directory),
