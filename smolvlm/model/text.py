@@ -171,7 +171,6 @@ class Attention(FusableProjections):
         )  # (B, H, T, hd)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
-
     def _decode_kernel(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], valid: torch.Tensor,
                        cache: KVCache, cache_position: torch.Tensor) -> torch.Tensor:
         """One new token per row through `decode_attention` (rope, cache write, attention): x (B, 1, D) -> (B, H hd)."""

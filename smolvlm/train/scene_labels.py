@@ -3,10 +3,10 @@
 A scene (see `synthetic.py`) fully determines its picture, so it also determines which object, sign, character or
 bar each pixel belongs to. `instance_map` draws the scene again with instance ids instead of colours; `patch_targets`
 turns that into per-patch training targets for the vision tower: the class histogram of the patch's pixels, the box
-of the instance that covers most of it, and whether an object's centre falls inside it; `token_words` names the words each
-image token should say (" red" + " circle" at a red circle's centre, " A", " background"). These are the targets of
-`smolvlm train --objective scene`, which teaches a from-scratch vision tower what is where before the language model
-ever sees its features.
+of the instance that covers most of it, and whether an object's centre falls inside it; `token_words` names the
+words each image token should say (" red" + " circle" at a red circle's centre, " A", " background"). These are the
+targets of `smolvlm train --objective scene`, which teaches a from-scratch vision tower what is where before the
+language model ever sees its features.
 """
 
 from __future__ import annotations
