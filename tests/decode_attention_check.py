@@ -42,9 +42,8 @@ def check_kernel(heads: int, kv_heads: int, length: int, position: int, dtype: t
     at = torch.tensor([position])
     ours_k, ours_v = k_cache.clone(), v_cache.clone()
     out = torch.ops.smolvlm.decode_attention(qkv, cos, sin, ours_k, ours_v, valid, at, heads)
-    want = reference(qkv.float(), cos.float(), sin.float(), k_cache.float(), v_cache.float(), valid, at, heads)
-    ref_k, ref_v = k_cache.float(), v_cache.float()
-    reference(qkv.float(), cos.float(), sin.float(), ref_k, ref_v, valid, at, heads)
+    ref_k, ref_v = k_cache.float().clone(), v_cache.float().clone()  # the reference writes into these
+    want = reference(qkv.float(), cos.float(), sin.float(), ref_k, ref_v, valid, at, heads)
     assert out.dtype == dtype and out.shape == (B, heads * hd)
     assert (out.float() - want).abs().max() <= tolerance, (out.float() - want).abs().max()
     assert (ours_k.float() - ref_k).abs().max() <= tolerance and (ours_v.float() - ref_v).abs().max() == 0
