@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from smolvlm.config import text_config_to_hf_dict
 from smolvlm.errors import CheckpointError, ModelNotFoundError
 from smolvlm.model import CausalLM, SmolVLM
-from smolvlm.weights.checkpoint import load_model, weight_files
+from smolvlm.weights.checkpoint import PACK_ALIGN, load_model, pack_onto, weight_files
 from smolvlm.weights.hub import resolve_model_path
 from tests.helpers_model import hf_smolvlm, image_prompt, ours_from_hf, randomize_, random_tiles, tiny_config
 
@@ -79,6 +79,24 @@ def test_transformers_saved_loads_in_ours(reference, hf_folder):
     assert not model.training and model.lm_head.weight.dtype == torch.float32
     assert (our_logits(model, inputs) - expected).abs().max().item() <= TOL
     assert isinstance(load_model(hf_folder), SmolVLM)
+
+
+def test_packed_weights_are_one_allocation_and_fuse_in_place(reference, hf_folder):
+    """What a GPU load does (`pack_onto`): every weight a view of one buffer, each start aligned; the model gives the
+    same logits, and fusing q/k/v and gate/up then makes views of that buffer instead of copies."""
+    config, _, inputs, expected = reference
+    state = SmolVLM.from_pretrained(hf_folder).state_dict()
+    packed = pack_onto({name: t.clone() for name, t in state.items()}, list(state), torch.device("cpu"))
+    assert list(packed) == list(state) and all(torch.equal(packed[k], state[k]) for k in state)
+    assert len({t.untyped_storage().data_ptr() for t in packed.values()}) == 1
+    start = min(t.data_ptr() for t in packed.values())
+    assert all((t.data_ptr() - start) % PACK_ALIGN == 0 for t in packed.values())
+    model = SmolVLM(config)
+    model.load_state_dict(packed, assign=True)
+    model.eval().text_model.fuse_projections()
+    buffer = packed["lm_head.weight"].untyped_storage().data_ptr()
+    assert {p.untyped_storage().data_ptr() for p in model.parameters()} == {buffer}
+    assert (our_logits(model, inputs) - expected).abs().max().item() <= TOL
 
 
 def test_tied_head_round_trip(tmp_path):

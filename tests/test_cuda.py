@@ -103,3 +103,17 @@ def test_fused_decode_kernel_equals_graphs(case, step_mode, monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     plain = _tokens(_on_gpu(model, torch.float32), config, ids, mask, vision, "graphs")
     assert _tokens(_on_gpu(model, torch.float32), config, ids, mask, vision, step_mode, decode_kernel=True) == plain
+
+
+def test_weights_load_into_one_allocation(case, tmp_path):
+    """A GPU load packs every weight into one block (no per-tensor allocator slack); fusing keeps it one block."""
+    _, model, *_ = case
+    model.save_pretrained(tmp_path)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    gpu_model = SmolVLM.from_pretrained(tmp_path, device="cuda")
+    weight_bytes = sum(p.nbytes for p in gpu_model.parameters())
+    assert len({p.untyped_storage().data_ptr() for p in gpu_model.parameters()}) == 1
+    assert torch.cuda.memory_allocated() - before <= weight_bytes + 2**20
+    Engine(gpu_model, str, [0], step_mode="graphs")  # fuses q/k/v and gate/up
+    assert len({p.untyped_storage().data_ptr() for p in gpu_model.parameters()}) == 1

@@ -67,13 +67,26 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -
     return x * cos + swapped * signed_sin
 
 
+def stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The tensors concatenated along dim 0: a view when they already lie back to back in one storage (packed
+    weights, or linears fused before), else a copy."""
+    first, offset = tensors[0], tensors[0].storage_offset()
+    for t in tensors:
+        if not t.is_contiguous() or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() or (
+                t.storage_offset() != offset):
+            return torch.cat(tensors)
+        offset += t.numel()
+    rows = sum(t.shape[0] for t in tensors)
+    return first.as_strided((rows, *first.shape[1:]), first.stride(), first.storage_offset())
+
+
 def fuse_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Stack the weights (and biases) of linears that read the same input into one matrix, in place.
 
-    Each linear's parameters become row slices (views) of the stacked tensor, so memory is not doubled and the
-    state dict keeps its keys; one GEMM then replaces len(linears) small ones."""
-    weight = torch.cat([lin.weight.detach() for lin in linears])
-    bias = torch.cat([lin.bias.detach() for lin in linears]) if linears[0].bias is not None else None
+    Each linear's parameters become row slices (views) of the stacked tensor (`stacked`), so memory is not doubled
+    and the state dict keeps its keys; one GEMM then replaces len(linears) small ones."""
+    weight = stacked([lin.weight.detach() for lin in linears])
+    bias = stacked([lin.bias.detach() for lin in linears]) if linears[0].bias is not None else None
     start = 0
     for lin in linears:
         rows = lin.out_features

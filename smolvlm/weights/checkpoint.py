@@ -35,6 +35,7 @@ INDEX_NAME = "model.safetensors.index.json"
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
 # Derived buffers some older Llama checkpoints stored; recomputed here, so skipped.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+PACK_ALIGN = 256  # bytes: where each packed tensor starts (cuBLAS and vector loads like aligned rows)
 
 _VLM_PARTS = ("vision_model.", "connector.", "text_model.")
 _LLAMA_PARTS = ("embed_tokens.", "layers.", "norm.")
@@ -134,7 +135,9 @@ def load_weights(
     """Fill a meta-device `model` from safetensors files, checking names and shapes; errors name file and tensor.
 
     `tie_key` = (head, embedding) names when the config ties them: the head may then be absent from the files.
+    On a GPU the weights end up in one allocation (`pack_onto`).
     """
+    pack = device.type == "cuda"
     expected = {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
     loaded: dict[str, torch.Tensor] = {}
     source: dict[str, Path] = {}
@@ -163,7 +166,7 @@ def load_weights(
                     tensor = handle.get_tensor(hub_key)
                     if tensor.is_floating_point():
                         tensor = tensor.to(dtype)
-                    loaded[key], source[key] = tensor.to(device), path
+                    loaded[key], source[key] = (tensor if pack else tensor.to(device)), path
         except (SafetensorError, OSError) as e:
             raise CheckpointError(
                 f"{path}: cannot read safetensors file ({e}); it is truncated or corrupt, re-download it"
@@ -186,12 +189,35 @@ def load_weights(
         where = ", ".join(str(f) for f in files)
         raise CheckpointError(f"{where}: missing tensor(s) {names}{more} that config.json requires")
 
+    if pack:
+        loaded = pack_onto(loaded, list(expected), device)
     model.load_state_dict(loaded, strict=False, assign=True)
     if tie_key is not None and not untied:
         model.tie_weights()
     for module in model.modules():  # non-persistent buffers (RoPE frequencies) are not in the files
         if hasattr(module, "reset_buffers"):
             module.reset_buffers(device)
+
+
+def pack_onto(tensors: dict[str, torch.Tensor], order: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+    """The tensors copied into one allocation on `device`, in `order` (names not in `tensors` skipped), as views.
+
+    CUDA's caching allocator gives every tensor over 1 MB a block of its own, which can keep up to 1 MB of slack
+    (the 256M model's ~470 tensors took 6 MiB more than transformers' load of the same file); one block has none.
+    Linears stored back to back (q/k/v, gate/up, in module order) also fuse without a copy (`fuse_linears`)."""
+    names = [name for name in order if name in tensors]
+    offsets, total = {}, 0
+    for name in names:
+        offsets[name] = total
+        total += -(-tensors[name].nbytes // PACK_ALIGN) * PACK_ALIGN
+    flat = torch.empty(total, dtype=torch.uint8, device=device)
+    packed = {}
+    for name in names:
+        tensor = tensors[name]
+        view = flat[offsets[name] : offsets[name] + tensor.nbytes].view(tensor.dtype).view(tensor.shape)
+        view.copy_(tensor)
+        packed[name] = view
+    return packed
 
 
 def _prepare(path_or_name: str | Path, device: torch.device | str | None, dtype: torch.dtype | None):
