@@ -246,14 +246,17 @@ def main(argv: list[str] | None = None) -> int:
         "shapes": {shape: {} for shape in args.shapes},
     }
     torch.cuda.empty_cache()
-    plan = [(shape, impl) for shape in args.shapes for impl in ("ours", "transformers")]
+
+    def impls(shape: str) -> list[str]:
+        compiled = not args.no_compiled and shape in args.compiled_shapes
+        kernel = shape in args.kernel_shapes
+        return ["ours", "transformers", *(["ours-kernel"] if kernel else []),
+                *(["ours-compiled-kernel"] if kernel and compiled else []), *(["ours-compiled"] if compiled else [])]
+
+    # Shape by shape, so that a run cut short keeps whole shapes; the peer's compiled path (slow, in no goal) last.
+    plan = [(shape, impl) for shape in args.shapes for impl in impls(shape)]
     if not args.no_compiled:
-        plan += [(shape, "ours-compiled") for shape in args.compiled_shapes if shape in args.shapes]
-        plan += [(shape, "transformers-compiled") for shape in args.peer_compiled_shapes if shape in args.shapes]
-    for shape in [s for s in args.kernel_shapes if s in args.shapes]:
-        plan.append((shape, "ours-kernel"))
-        if not args.no_compiled and shape in args.compiled_shapes:
-            plan.append((shape, "ours-compiled-kernel"))
+        plan += [(shape, "transformers-compiled") for shape in args.shapes if shape in args.peer_compiled_shapes]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for shape, impl in plan:
