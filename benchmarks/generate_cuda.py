@@ -2,10 +2,10 @@
 
 Random weights at the real 256M / 500M / 2.2B shapes, written once per shape (bf16 safetensors) and loaded by every
 implementation, each in its own process (its own peak-memory counter and compile caches):
-  ours                   CUDA-graph decode slots (the default on a GPU)
+  ours                   CUDA-graph decode slots, attention through rope + cache writes + SDPA (decode_kernel=False)
   ours-compiled          the same with the step through torch.compile (`load(..., compile=True)`)
   ours[-compiled]-kernel the same with each layer's rope, cache write and attention as one Triton kernel
-                         (`Engine(..., decode_kernel=True)`, model/decode_attention.py)
+                         (model/decode_attention.py); ours-kernel is what a GPU runs by default
   transformers           generate() with its default dynamic cache
   transformers-compiled  generate() with its static cache + torch.compile (mode "default": its CUDA-graph mode,
                          "reduce-overhead", fails for SmolVLM)

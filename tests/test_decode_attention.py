@@ -45,3 +45,22 @@ def test_the_kernel_needs_a_static_step_mode():
 
     with pytest.raises(GenerationError, match="static step"):
         Engine(SmolVLM(tiny_config("256M")), str, [0], step_mode="eager", decode_kernel=True)
+
+
+def test_the_kernel_is_off_by_default_on_the_cpu_and_refused_for_odd_head_dims():
+    from dataclasses import replace
+
+    from helpers_model import tiny_config
+    from smolvlm.engine.generate import Engine
+    from smolvlm.model import SmolVLM
+    from smolvlm.model.text import TextDecoder
+
+    model = SmolVLM(tiny_config("256M"))
+    Engine(model, str, [0], step_mode="graphs")
+    assert model.text_model.decode_kernel_max_len == 0
+    text = tiny_config("256M").text
+    odd = TextDecoder(replace(text, hidden_size=text.num_attention_heads * 12, head_dim=12))
+    reason = "power-of-two head_dim" if importlib.util.find_spec("triton") is not None else "needs Triton"
+    assert reason in odd.decode_kernel_problem()
+    with pytest.raises(ConfigError, match=reason):
+        odd.use_decode_kernel()

@@ -284,12 +284,24 @@ class TextDecoder(nn.Module):
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
         self.decode_kernel_max_len = 0  # static steps with caches up to this long use decode_attention.py's kernel
 
+    def decode_kernel_problem(self) -> str | None:
+        """Why the one-kernel decode attention cannot run for this decoder, or None when it can."""
+        from smolvlm.model import decode_attention
+
+        if not decode_attention.available():
+            return "the fused decode attention needs Triton (CUDA builds of torch ship it)"
+        head_dim = self.config.head_dim
+        if head_dim & (head_dim - 1):
+            return f"the fused decode attention needs a power-of-two head_dim, this model has {head_dim}"
+        return None
+
     def use_decode_kernel(self, enabled: bool = True) -> None:
         """Run static decode steps (caches up to its MAX_CACHE_LEN) through the one-kernel decode attention."""
         from smolvlm.model import decode_attention
 
-        if enabled and not decode_attention.available():
-            raise ConfigError("the fused decode attention needs Triton (CUDA builds of torch ship it)")
+        problem = self.decode_kernel_problem() if enabled else None
+        if problem:
+            raise ConfigError(problem)
         self.decode_kernel_max_len = decode_attention.MAX_CACHE_LEN if enabled else 0
 
     def fuse_projections(self) -> None:
