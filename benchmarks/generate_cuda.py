@@ -139,7 +139,8 @@ def worker(impl: str, directory: Path, new_tokens: int, batches: list[int]) -> d
     """Load one implementation and measure it; the figures as a dict."""
     start = time.perf_counter()
     model, config, run = load(impl, directory)
-    out: dict = {"load_seconds": time.perf_counter() - start, "mem_after_load_mib": torch.cuda.memory_allocated() / 2**20}
+    out: dict = {"load_seconds": time.perf_counter() - start,
+                 "mem_after_load_mib": torch.cuda.memory_allocated() / 2**20}
     if impl.startswith("ours"):
         out["decode_weight_bytes"] = decode_weight_bytes(model)
     # Warm-ups capture (and compile) each batch size's step; a static-cache peer compiles per cache length, so

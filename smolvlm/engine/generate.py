@@ -310,11 +310,12 @@ class Engine:
         while True:
             step_start = time.perf_counter()
             with self._on_device():
+                penalized = any(rows[r].params.repetition_penalty != 1.0 for r in active)
                 sampled = sample_next(
                     logits,
                     [rows[r].params for r in active],
                     [rows[r].generator for r in active],
-                    [rows[r].history for r in active] if any(rows[r].params.repetition_penalty != 1.0 for r in active) else None,
+                    [rows[r].history for r in active] if penalized else None,
                 )  # (B',) on the device
                 read = self._reader(sampled)
                 if self.lookahead:

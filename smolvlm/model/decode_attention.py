@@ -59,10 +59,12 @@ if available():
         out_dtype = k_cache_ptr.dtype.element_ty
         query = tl.load(q_at + dims).to(tl.float32) * cos + tl.load(q_at + partner).to(tl.float32) * ssin
         query = query.to(out_dtype).to(tl.float32) * SCALE  # rounded as the unfused rope's output is
-        new_k = (tl.load(k_at + dims).to(tl.float32) * cos + tl.load(k_at + partner).to(tl.float32) * ssin).to(out_dtype)
+        new_k = tl.load(k_at + dims).to(tl.float32) * cos + tl.load(k_at + partner).to(tl.float32) * ssin
+        new_k = new_k.to(out_dtype)
         new_v = tl.load(v_at + dims)
         cache = row * stride_cache_b + kv_head * stride_cache_h
-        writer = dims + head % (HEADS // KV_HEADS) * HEAD_DIM < HEAD_DIM  # (hd,): all true in the group's first program
+        # the group's first program writes the shared kv head: (hd,), all true there, all false elsewhere
+        writer = dims + head % (HEADS // KV_HEADS) * HEAD_DIM < HEAD_DIM
         tl.store(k_cache_ptr + cache + position * stride_cache_l + dims, new_k, mask=writer)
         tl.store(v_cache_ptr + cache + position * stride_cache_l + dims, new_v.to(out_dtype), mask=writer)
         # attention reads the rounded values, as the unfused path reads them back from the cache
