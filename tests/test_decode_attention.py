@@ -37,6 +37,19 @@ def test_without_triton_the_kernel_is_refused(monkeypatch):
         TextDecoder(tiny_config("256M").text).use_decode_kernel()
 
 
+def test_without_a_c_compiler_the_kernel_is_refused(monkeypatch):
+    from helpers_model import tiny_config
+    from smolvlm.model import decode_attention
+    from smolvlm.model.text import TextDecoder
+
+    monkeypatch.setattr(decode_attention, "available", lambda: True)
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(decode_attention.shutil, "which", lambda name: None)
+    with pytest.raises(ConfigError, match="C compiler"):
+        TextDecoder(tiny_config("256M").text).use_decode_kernel()
+
+
 def test_the_kernel_needs_a_static_step_mode():
     from helpers_model import tiny_config
     from smolvlm.engine.generate import Engine

@@ -16,6 +16,8 @@ on the CPU through Triton's interpreter (TRITON_INTERPRET=1).
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
 
 import torch
 
@@ -26,6 +28,14 @@ BLOCK_L = 128  # cache positions per inner iteration: a (128, 64) fp32 tile is 6
 def available() -> bool:
     """True when Triton is importable (CUDA builds of torch ship it)."""
     return importlib.util.find_spec("triton") is not None
+
+
+def compiler_found() -> bool:
+    """True when Triton can build the small C launcher every compiled kernel needs (gcc, clang or $CC; Triton's
+    interpreter needs none)."""
+    if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("CC"):
+        return True
+    return shutil.which("gcc") is not None or shutil.which("clang") is not None
 
 
 if available():

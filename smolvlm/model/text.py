@@ -290,6 +290,8 @@ class TextDecoder(nn.Module):
 
         if not decode_attention.available():
             return "the fused decode attention needs Triton (CUDA builds of torch ship it)"
+        if not decode_attention.compiler_found():
+            return "the fused decode attention needs a C compiler for Triton (gcc or clang on PATH, or set CC)"
         head_dim = self.config.head_dim
         if head_dim & (head_dim - 1):
             return f"the fused decode attention needs a power-of-two head_dim, this model has {head_dim}"
