@@ -21,8 +21,8 @@ from smolvlm.engine.text_stream import IncrementalDetokenizer, StopStringMatcher
 from smolvlm.errors import GenerationError
 
 MAX_STOP_STRINGS = 64
-VISION_CHUNK = 8  # tiles through the vision tower at once: thousands of patches per GEMM, a bounded peak memory
 MAX_STOP_LENGTH = 256
+VISION_CHUNK = 8  # tiles through the vision tower at once: thousands of patches per GEMM, a bounded peak memory
 
 
 @dataclass
