@@ -166,3 +166,22 @@ def test_token_words_keep_the_first_claim_and_read_characters():
     assert "".join(w.strip() for w in said) == letters  # 16-px tokens: one per character, in reading order
     with pytest.raises(DataError, match="multiple"):
         token_words(sign, 48)
+
+
+@pytest.mark.parametrize("size", [256, 128])
+def test_monospace_signs_give_every_character_a_token_of_its_own(size):
+    # With proportional text two narrow letters often share a 32-px token, so the second goes unsaid; a monospaced
+    # sign's cells are at least 1/8 of the picture wide, so on 8 x 8 tokens every character is said, in order.
+    for seed in range(40):
+        scene = synthetic.generate_sample("ocr", random.Random(seed), size, signs="monospace")[3]["images"][0]
+        pitch = scene["sign"]["pitch"]
+        assert size // 8 <= pitch <= 0.16 * size
+        said = [w for w in _words(scene, size // 8) if w != " background"]
+        letters = "".join(c for line in scene["sign"]["lines"] for c in line if c.isalnum())
+        assert "".join(w.strip() for w in said) == letters
+        ids, instances = instance_map(scene)
+        chars = [i for i in instances if i.label >= CHAR_CLASSES]
+        line_rows = {c.centre()[1] for c in chars}
+        assert line_rows <= {float(y) for _, y in scene["sign"]["centres"]}  # named on their line's centre row
+        centres = sorted(c.centre()[0] for c in chars if c.centre()[1] == chars[0].centre()[1])
+        assert all(b - a >= pitch for a, b in zip(centres, centres[1:]))

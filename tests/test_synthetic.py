@@ -221,3 +221,24 @@ def test_default_size_is_256(tmp_path):
     for r in read_records(path):
         with Image.open(tmp_path / r["messages"][0]["content"][0]["image"]) as im:
             assert im.size == (256, 256)
+
+
+def test_monospace_signs(tmp_path, capsys):
+    rng = random.Random(5)
+    images, _, answer, meta = syn.generate_sample("ocr", rng, 256, signs="monospace")
+    sign = meta["images"][0]["sign"]
+    pitch = sign["pitch"]
+    for line, (cx, cy) in zip(sign["lines"], sign["centres"]):  # each character's ink sits inside its own cell
+        mask = np.asarray(syn.text_mask(line, sign["style"], sign["font_size"], pitch)) > 127
+        assert mask.shape[1] == pitch * len(line)
+        for k, char in enumerate(line):
+            assert mask[:, k * pitch : (k + 1) * pitch].any() == (char != " ")
+    assert " ".join(sign["lines"]) == answer
+    plain = syn.generate_sample("ocr", random.Random(5), 256)[3]["images"][0]["sign"]
+    assert "pitch" not in plain  # the default layout is unchanged
+    with pytest.raises(DataError, match="sign layout"):
+        syn.generate_sample("ocr", random.Random(0), 256, signs="cursive")
+    assert syn.main(["--n", "2", "--out", str(tmp_path), "--tasks", "ocr", "--signs", "monospace", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["signs"] == "monospace"
+    records = read_records(tmp_path / "train.jsonl")
+    assert all("pitch" in r["meta"]["images"][0]["sign"] for r in records)

@@ -34,11 +34,19 @@ COLOUR_NAMES = list(COLOURS)
 
 @dataclass
 class Instance:
-    """One labelled thing in a scene: its class, its box (x0, y0, x1, y1; exclusive) and whether it is countable."""
+    """One labelled thing in a scene: its class, its box (x0, y0, x1, y1; exclusive), whether it is countable, and
+    the point whose image token names it (None: the box's centre)."""
 
     label: int
     box: tuple[int, int, int, int]
     countable: bool = False
+    anchor: tuple[float, float] | None = None
+
+    def centre(self) -> tuple[float, float]:
+        """Where the thing is named: its anchor, else the centre of its box."""
+        if self.anchor is not None:
+            return self.anchor
+        return (self.box[0] + self.box[2]) / 2, (self.box[1] + self.box[3]) / 2
 
 
 def _shape_class(shape: str, colour: str) -> int:
@@ -46,21 +54,27 @@ def _shape_class(shape: str, colour: str) -> int:
 
 
 def _paint_text(ids: np.ndarray, instances: list[Instance], text: str, style: str, size: int,
-                centre: Sequence[int]) -> None:
-    """Give each character of a centred text line its own instance id over the ink pixels it covers."""
-    mask = np.asarray(text_mask(text, style, size)) > 127  # (h, w)
+                centre: Sequence[int], pitch: int | None = None) -> None:
+    """Give each character of a centred text line its own instance id over the ink pixels it covers. A monospaced
+    line (`pitch`) names all its characters on the line's centre row, so a line never splits across two rows of
+    image tokens."""
+    mask = np.asarray(text_mask(text, style, size, pitch)) > 127  # (h, w)
     left, top = text_origin(mask.shape[1], mask.shape[0], centre)
     H, W = ids.shape
     start = 0
     for k, char in enumerate(text):
-        end = mask.shape[1] if k == len(text) - 1 else text_mask(text[: k + 1], style, size).width
+        if pitch is not None:
+            start, end = k * pitch, (k + 1) * pitch
+        else:
+            end = mask.shape[1] if k == len(text) - 1 else text_mask(text[: k + 1], style, size).width
         if char.upper() in CHARACTERS and end > start:
             rows, cols = np.nonzero(mask[:, start:end])  # this character's ink
             if rows.size:
                 ys, xs = rows + top, cols + start + left
                 keep = (ys >= 0) & (ys < H) & (xs >= 0) & (xs < W)
-                instances.append(Instance(CHAR_CLASSES + CHARACTERS.index(char.upper()),
-                                          (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)))
+                box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+                anchor = None if pitch is None else (left + start + pitch / 2, float(centre[1]))  # its cell's centre
+                instances.append(Instance(CHAR_CLASSES + CHARACTERS.index(char.upper()), box, anchor=anchor))
                 ids[ys[keep], xs[keep]] = len(instances)
         start = max(start, end)
 
@@ -98,7 +112,7 @@ def instance_map(scene: Mapping[str, Any]) -> Drawn:
     if "sign" in scene:
         sign = scene["sign"]
         for line, centre in zip(sign["lines"], sign["centres"]):
-            _paint_text(ids, instances, line, sign["style"], sign["font_size"], centre)
+            _paint_text(ids, instances, line, sign["style"], sign["font_size"], centre, sign.get("pitch"))
     if "bars" in scene:
         for text, centre, _ in chart_texts(scene):
             _paint_text(ids, instances, text, "sans-bold", scene["font_size"], centre)
@@ -147,7 +161,7 @@ def token_words(scene: Mapping[str, Any], token_size: int, drawn: Drawn | None =
     for inst in instances:
         if inst.label >= AXIS_CLASS or inst.label == SIGN_CLASS:
             continue
-        cx, cy = (inst.box[0] + inst.box[2]) / 2, (inst.box[1] + inst.box[3]) / 2
+        cx, cy = inst.centre()
         at = min(int(cy) // token_size, gh - 1) * gw + min(int(cx) // token_size, gw - 1)
         if words[at, 0] != 0:
             continue
@@ -191,6 +205,6 @@ def patch_targets(scene: Mapping[str, Any], patch_size: int, drawn: Drawn | None
     centres = np.zeros(n_patches, dtype=np.float32)
     for inst in instances:
         if inst.countable:
-            cx, cy = (inst.box[0] + inst.box[2]) / 2, (inst.box[1] + inst.box[3]) / 2
+            cx, cy = inst.centre()
             centres[min(int(cy) // patch_size, gh - 1) * gw + min(int(cx) // patch_size, gw - 1)] = 1.0
     return PatchTargets(classes, table[dominant].astype(np.float32), has_box, centres)

@@ -49,6 +49,10 @@ SIGN_WORDS = (
     "OLD", "GOLD", "STAR", "MOON", "SUN", "TOWN", "PIZZA", "BREAD", "MILK", "FISH", "TEA", "LAKE", "ZOO", "KEEP",
 )
 FONT_STYLES = ("sans", "sans-bold", "pixel")
+# How sign text is set: proportional (as fonts space it), or monospace: each character centred in a cell 1/8 to 0.16
+# of the picture wide, so that a model with 8 x 8 image tokens (the demo's) sees every character under a token of
+# its own, however narrow the letter.
+SIGN_LAYOUTS = ("proportional", "monospace")
 # (sign fill, text colour): dark text on light signs, white text on dark ones.
 SIGN_PAINTS = (
     ((250, 250, 250), (20, 20, 20)),
@@ -79,8 +83,11 @@ def _pixel_font() -> ImageFont.ImageFont:
     return ImageFont.load_default_imagefont()
 
 
-def text_mask(text: str, style: str, size: int) -> Image.Image:
-    """Render one line of text as a tight 'L' mask about `size` pixels tall."""
+def text_mask(text: str, style: str, size: int, pitch: int | None = None) -> Image.Image:
+    """Render one line of text as a tight 'L' mask about `size` pixels tall; with a `pitch`, monospaced: character
+    k centred in columns [k * pitch, (k + 1) * pitch), all standing on one baseline."""
+    if pitch is not None:
+        return _monospace_mask(text, style, size, pitch)
     if style == "pixel":
         font = _pixel_font()
         x0, y0, x1, y1 = font.getbbox(text)
@@ -96,15 +103,26 @@ def text_mask(text: str, style: str, size: int) -> Image.Image:
     return mask
 
 
+def _monospace_mask(text: str, style: str, size: int, pitch: int) -> Image.Image:
+    """`text_mask` with every character in a cell of its own (a space leaves its cell empty)."""
+    glyphs = [None if char == " " else text_mask(char, style, size) for char in text]
+    height = max((g.height for g in glyphs if g is not None), default=1)
+    mask = Image.new("L", (pitch * len(text), height), 0)
+    for k, glyph in enumerate(glyphs):
+        if glyph is not None:  # bottom-aligned: capitals and digits share a baseline and have no descenders
+            mask.paste(255, (k * pitch + (pitch - glyph.width) // 2, height - glyph.height), glyph)
+    return mask
+
+
 def text_origin(width: int, height: int, centre: Sequence[int]) -> tuple[int, int]:
     """Top-left corner of a width x height text mask drawn centred on `centre`."""
     return centre[0] - width // 2, centre[1] - height // 2
 
 
-def _paste_text(image: Image.Image, text: str, style: str, size: int, centre: Sequence[int], rgb: Sequence[int]
-                ) -> None:
-    """Paint a text line centred on `centre`."""
-    mask = text_mask(text, style, size)
+def _paste_text(image: Image.Image, text: str, style: str, size: int, centre: Sequence[int], rgb: Sequence[int],
+                pitch: int | None = None) -> None:
+    """Paint a text line centred on `centre` (monospaced with a `pitch`)."""
+    mask = text_mask(text, style, size, pitch)
     left, top = text_origin(mask.width, mask.height, centre)
     image.paste(tuple(rgb), (left, top, left + mask.width, top + mask.height), mask)
 
@@ -212,7 +230,7 @@ def render_scene(scene: Mapping[str, Any]) -> Image.Image:
         draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=tuple(sign["rgb"]), outline=tuple(sign["text_rgb"]),
                        width=sign["border"])
         for line, centre in zip(sign["lines"], sign["centres"]):
-            _paste_text(image, line, sign["style"], sign["font_size"], centre, sign["text_rgb"])
+            _paste_text(image, line, sign["style"], sign["font_size"], centre, sign["text_rgb"], sign.get("pitch"))
     if "bars" in scene:
         _draw_chart(image, scene)
     return image
@@ -471,42 +489,50 @@ def _task_compare(rng: random.Random, size: Sequence[int]) -> TaskResult:
     return [first, second], question, "same" if change == "none" else "different", {"mode": "same", "change": change}
 
 
-def _layout_sign(rng: random.Random, size: Sequence[int], tokens: Sequence[str]) -> dict[str, Any]:
-    """Wrap the tokens into lines that fit, size a sign around them and place it in the picture."""
+def _layout_sign(rng: random.Random, size: Sequence[int], tokens: Sequence[str], signs: str = "proportional"
+                 ) -> dict[str, Any]:
+    """Wrap the tokens into lines that fit, size a sign around them and place it in the picture. Monospaced signs
+    put each character in a cell of its own, 1/8 to 0.16 of the picture wide (see SIGN_LAYOUTS)."""
     w, h = size
     style = rng.choice(FONT_STYLES)
-    font_size = rng.randint(round(0.09 * w), round(0.14 * w))
+    pitch = None
+    if signs == "monospace":
+        pitch = rng.randint(-(-w // 8), int(0.16 * w))
+        font_size = rng.randint(pitch, round(1.25 * pitch))
+    else:
+        font_size = rng.randint(round(0.09 * w), round(0.14 * w))
     while True:
+        pad, spacing = font_size // 2, font_size // 3
+        fit = 0.8 * w if pitch is None else 0.92 * w - 2 * pad  # a monospaced sign is as wide as its longest line
         lines: list[str] = []
-        for token in tokens:  # greedy wrap to 80% of the width
-            if lines and text_mask(f"{lines[-1]} {token}", style, font_size).width <= 0.8 * w:
+        for token in tokens:  # greedy wrap
+            if lines and text_mask(f"{lines[-1]} {token}", style, font_size, pitch).width <= fit:
                 lines[-1] = f"{lines[-1]} {token}"
             else:
                 lines.append(token)
-        masks = [text_mask(line, style, font_size) for line in lines]
+        masks = [text_mask(line, style, font_size, pitch) for line in lines]
         line_h = max(m.height for m in masks)
-        pad, spacing = font_size // 2, font_size // 3
         sign_w = max(m.width for m in masks) + 2 * pad
         sign_h = len(lines) * line_h + (len(lines) - 1) * spacing + 2 * pad
         if sign_w <= 0.92 * w and sign_h <= 0.92 * h:
             break
-        font_size = font_size * 9 // 10
+        font_size = font_size * 9 // 10  # the pitch stays: five characters of it fit in 0.8 of the width
     x0, y0 = rng.randint(w // 25, w - w // 25 - sign_w), rng.randint(h // 25, h - h // 25 - sign_h)
     centres = [[x0 + sign_w // 2, y0 + pad + k * (line_h + spacing) + line_h // 2] for k in range(len(lines))]
     fill, text_rgb = rng.choice(SIGN_PAINTS)
     return {"box": [x0, y0, x0 + sign_w, y0 + sign_h], "rgb": list(fill), "text_rgb": list(text_rgb),
             "border": rng.choice((0, 2, 3)), "style": style, "font_size": font_size, "lines": lines,
-            "centres": centres}
+            "centres": centres, **({} if pitch is None else {"pitch": pitch})}
 
 
-def _task_ocr(rng: random.Random, size: Sequence[int]) -> TaskResult:
+def _task_ocr(rng: random.Random, size: Sequence[int], signs: str = "proportional") -> TaskResult:
     tokens: list[str] = []
     k = rng.randint(1, 3)
     while len(tokens) < k:
         token = rng.choice(SIGN_WORDS) if rng.random() < 0.75 else str(rng.randint(0, 99))
         if token not in tokens:
             tokens.append(token)
-    sign = _layout_sign(rng, size, tokens)
+    sign = _layout_sign(rng, size, tokens, signs)
     scene = {"kind": "sign", "size": list(size), "background": _background(rng), "sign": sign}
     question = rng.choice(("What does the sign say?", "Read the text on the sign."))
     text = " ".join(tokens)
@@ -558,18 +584,23 @@ def _check_size(image_size: int) -> tuple[int, int]:
     return image_size, image_size
 
 
-def _build(task: str, rng: random.Random, image_size: int) -> tuple[list[Scene], str, str, dict[str, Any]]:
+def _build(task: str, rng: random.Random, image_size: int, signs: str = "proportional"
+           ) -> tuple[list[Scene], str, str, dict[str, Any]]:
     """Scenes, question, answer and metadata of one sample, without rendering."""
     if task not in _TASK_FNS:
         raise DataError(f"unknown synthetic task {task!r}; choose from {', '.join(TASKS)}")
-    scenes, question, answer, query = _TASK_FNS[task](rng, _check_size(image_size))
+    if signs not in SIGN_LAYOUTS:
+        raise DataError(f"unknown sign layout {signs!r}; choose from {', '.join(SIGN_LAYOUTS)}")
+    size = _check_size(image_size)
+    made = _task_ocr(rng, size, signs) if task == "ocr" else _TASK_FNS[task](rng, size)
+    scenes, question, answer, query = made
     return scenes, question, answer, {"task": task, "images": scenes, **query}
 
 
-def generate_sample(task: str, rng: random.Random, image_size: int = 256
+def generate_sample(task: str, rng: random.Random, image_size: int = 256, signs: str = "proportional"
                     ) -> tuple[list[Image.Image], str, str, dict[str, Any]]:
     """One sample of `task`: (images, question, exact answer, metadata with the scenes that were drawn)."""
-    scenes, question, answer, meta = _build(task, rng, image_size)
+    scenes, question, answer, meta = _build(task, rng, image_size, signs)
     return [render_scene(s) for s in scenes], question, answer, meta
 
 
@@ -579,14 +610,14 @@ def scene_split(meta: Mapping[str, Any]) -> str:
     return SPLITS[digest[0] & 1]
 
 
-def split_sample(task: str, seed: int, split: str, index: int, image_size: int = 256
+def split_sample(task: str, seed: int, split: str, index: int, image_size: int = 256, signs: str = "proportional"
                  ) -> tuple[list[Image.Image], str, str, dict[str, Any]]:
     """Sample `index` of a split: the first draw from the (split, seed, index) stream whose scenes hash into it."""
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
     for attempt in range(1000):
         rng = random.Random(f"smolvlm-synth/{split}/{seed}/{index}/{attempt}")
-        scenes, question, answer, meta = _build(task, rng, image_size)
+        scenes, question, answer, meta = _build(task, rng, image_size, signs)
         if scene_split(meta) == split:
             return [render_scene(s) for s in scenes], question, answer, meta
     raise AssertionError("a fair hash bit never came up in 1000 draws")  # probability 2**-1000
@@ -643,20 +674,22 @@ def _record(sample_id: str, task: str, image_paths: Sequence[str], question: str
 
 def write_dataset(out_dir: str | Path, n: int, seed: int, split: str = "train",
                   tasks: str | Sequence[str] | Mapping[str, float] | None = None, image_size: int = 256,
-                  progress: bool = True) -> Path:
+                  progress: bool = True, signs: str = "proportional") -> Path:
     """Write `n` samples to OUT/{split}.jsonl with PNGs in OUT/images/; return the JSONL path."""
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
     if n < 0:
         raise DataError(f"sample count {n} is negative; pass --n 1 or more")
     _check_size(image_size)
+    if signs not in SIGN_LAYOUTS:
+        raise DataError(f"unknown sign layout {signs!r}; choose from {', '.join(SIGN_LAYOUTS)}")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     path = out / f"{split}.jsonl"
     schedule = task_schedule(parse_task_mix(tasks), n)
     with path.open("w", encoding="utf-8") as f:
         for index, task in enumerate(tqdm(schedule, desc=f"synth {split}", unit="sample", disable=not progress)):
-            images, question, answer, meta = split_sample(task, seed, split, index, image_size)
+            images, question, answer, meta = split_sample(task, seed, split, index, image_size, signs)
             names = [f"{split}-{index:06d}.png"] if len(images) == 1 else \
                 [f"{split}-{index:06d}-{k}.png" for k in range(len(images))]
             for image, name in zip(images, names):
@@ -677,6 +710,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated tasks with optional weights, e.g. 'count=2,ocr,chart'; "
                              f"default: all of {','.join(TASKS)}")
     parser.add_argument("--image-size", type=int, default=256, help="side of the square pictures in pixels")
+    parser.add_argument("--signs", choices=SIGN_LAYOUTS, default="proportional",
+                        help="how sign text is set: proportional, or monospace (a cell of 1/8 to 0.16 of the picture "
+                             "width per character, so 8 x 8 image tokens give every character its own token)")
     parser.add_argument("--json", action="store_true", help="print a JSON summary instead of a sentence")
 
 
@@ -684,13 +720,13 @@ def run(args: argparse.Namespace) -> int:
     """Run `data synth` with parsed arguments."""
     mix = parse_task_mix(args.tasks)
     path = write_dataset(args.out, args.n, args.seed, split=args.split, tasks=mix, image_size=args.image_size,
-                         progress=not args.json)
+                         progress=not args.json, signs=args.signs)
     counts: dict[str, int] = {}
     for task in task_schedule(mix, args.n):
         counts[task] = counts.get(task, 0) + 1
     if args.json:
         print(json.dumps({"path": str(path), "split": args.split, "n": args.n, "seed": args.seed,
-                          "image_size": args.image_size, "tasks": counts}))
+                          "image_size": args.image_size, "signs": args.signs, "tasks": counts}))
     else:
         print(f"wrote {args.n} {args.split} samples to {path} ({', '.join(f'{t} {c}' for t, c in counts.items())})")
     return 0
