@@ -19,6 +19,7 @@ from smolvlm.errors import ConfigError, DataError
 from smolvlm.train import synthetic
 from smolvlm.train.commands import train_config, train_main
 from smolvlm.train.data import answer_of, load_jsonl
+from smolvlm.train.lora import load_adapter
 from smolvlm.train.trainer import Trainer, TrainConfig, lr_factor, train
 from smolvlm.weights.checkpoint import load_smolvlm, save_smolvlm
 
@@ -234,3 +235,35 @@ def test_logits_mask_selects_positions_of_the_full_forward(setup):
         picked = model(ids, logits_mask=mask).logits  # (3, V)
     assert picked.shape == (3, full.shape[-1])
     torch.testing.assert_close(picked, full[mask], rtol=1e-5, atol=1e-5)
+
+
+def test_continue_adapter_trains_a_merged_adapter_on(setup, tmp_path):
+    # A later stage starts from a run's output (its LoRA merged in) and trains that same adapter on: the result is
+    # again one adapter of the same rank on the original base, equal to the later stage's merged model.
+    model, data = setup
+    common = dict(data=str(data), text="lora", connector="full", lr=1e-2, max_steps=3, batch_size=4,
+                  progress=False, tensorboard=False, lora_r=4, lora_alpha=8.0,
+                  lora_targets=r"text_model.*(q_proj|down_proj)$")
+    train(TrainConfig(model=str(model), out=str(tmp_path / "a"), **common))
+    first = tmp_path / "a" / "final"
+    config = TrainConfig(model=str(first), out=str(tmp_path / "b"), continue_adapter=str(first),
+                         **{**common, "lora_r": 16})
+    trainer = Trainer(config)
+    inputs = trainer.micro_batches(0)[0].model_inputs()
+    with torch.no_grad():
+        merged_a = load_smolvlm(first)(**inputs).logits
+    assert trainer.lora.r == 4 and trainer.lora.base_model == str(model)  # the adapter's own settings and base
+    with torch.no_grad():  # taken out of the weights and put back as LoRA: the same function
+        assert torch.allclose(trainer.model(**inputs).logits, merged_a, atol=1e-5)
+    trainer.train()
+    second = tmp_path / "b" / "final"
+    adapter = json.loads((second / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and adapter["base_model_name_or_path"] == str(model)
+    rebuilt = load_smolvlm(model)
+    load_adapter(rebuilt, second)
+    with torch.no_grad():
+        ours = rebuilt(**inputs).logits
+        assert torch.allclose(ours, load_smolvlm(second)(**inputs).logits, atol=1e-4)
+        assert (ours - merged_a).abs().max() > 1e-3  # the second stage changed something
+    with pytest.raises(ConfigError, match="continue-adapter"):
+        TrainConfig(model="m", data="d", text="full", continue_adapter=str(first)).check()

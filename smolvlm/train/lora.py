@@ -39,6 +39,7 @@ class LoRAConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    base_model: str = ""  # the checkpoint the adapter applies to, when an adapter file named it
 
     @property
     def scaling(self) -> float:
@@ -155,8 +156,12 @@ def save_adapter(model: nn.Module, config: LoRAConfig, directory: str | Path, ba
     return directory
 
 
-def load_adapter(model: nn.Module, directory: str | Path) -> LoRAConfig:
-    """Apply a PEFT LoRA adapter folder to our model (wrapping its target linears) and load its weights."""
+AdapterTensors = dict[str, dict[str, torch.Tensor]]  # our module name -> {"lora_A": ..., "lora_B": ...}
+
+
+def read_adapter(directory: str | Path) -> tuple[LoRAConfig, AdapterTensors, dict[str, torch.Tensor]]:
+    """A PEFT LoRA adapter folder: its settings, its low-rank pairs and its `modules_to_save` weights, both by our
+    names."""
     directory = Path(directory)
     config_path, weights_path = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
     if not config_path.is_file() or not weights_path.is_file():
@@ -165,7 +170,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> LoRAConfig:
     if data.get("peft_type") != "LORA" or data.get("use_dora") or data.get("use_rslora"):
         raise CheckpointError(f"{config_path}: only plain LoRA adapters are supported (peft_type LORA, no DoRA/rsLoRA)")
     tensors = load_file(str(weights_path))
-    modules: dict[str, dict[str, torch.Tensor]] = {}
+    modules: AdapterTensors = {}
     full: dict[str, torch.Tensor] = {}  # modules_to_save weights, by our parameter name
     for key, tensor in tensors.items():
         stem, which = key.removeprefix(PEFT_PREFIX).rsplit(".", 2)[0], key.rsplit(".", 2)[1]
@@ -175,23 +180,59 @@ def load_adapter(model: nn.Module, directory: str | Path) -> LoRAConfig:
             full[vlm_key(key.removeprefix(PEFT_PREFIX))] = tensor
         else:
             raise CheckpointError(f"{weights_path}: unexpected adapter key {key!r}")
-    state = model.state_dict()
-    for name, tensor in full.items():
-        if name not in state or state[name].shape != tensor.shape:
-            raise CheckpointError(f"{weights_path}: {name!r} does not fit this model")
-        with torch.no_grad():
-            state[name].copy_(tensor)
-    config = LoRAConfig(r=int(data["r"]), alpha=float(data["lora_alpha"]), dropout=float(data.get("lora_dropout", 0)))
+    for name, pair in modules.items():
+        if set(pair) != {"lora_A", "lora_B"}:
+            raise CheckpointError(f"{weights_path}: {name!r} needs both lora_A and lora_B")
+    config = LoRAConfig(r=int(data["r"]), alpha=float(data["lora_alpha"]), dropout=float(data.get("lora_dropout", 0)),
+                        base_model=data.get("base_model_name_or_path") or "")
+    return config, modules, full
+
+
+def _wrap_adapter(model: nn.Module, modules: AdapterTensors, config: LoRAConfig, source: Path,
+                  unmerge: bool = False) -> None:
+    """Wrap each adapted linear in a LoRALinear holding the adapter's pair; with `unmerge`, first take the pair's
+    update out of the linear's weight (a model the adapter was merged into)."""
     for name, pair in modules.items():
         try:
             base = model.get_submodule(name)
         except AttributeError as e:
-            raise CheckpointError(f"{weights_path}: the adapter targets {name!r}, which this model lacks") from e
-        if not isinstance(base, nn.Linear) or set(pair) != {"lora_A", "lora_B"}:
-            raise CheckpointError(f"{weights_path}: {name!r} is not a linear layer with lora_A and lora_B")
+            raise CheckpointError(f"{source}: the adapter targets {name!r}, which this model lacks") from e
+        if not isinstance(base, nn.Linear):
+            raise CheckpointError(f"{source}: {name!r} is not a linear layer")
         wrapped = LoRALinear(base, pair["lora_A"].shape[0], config.alpha, config.dropout)
         with torch.no_grad():
             wrapped.lora_A.weight.copy_(pair["lora_A"])
             wrapped.lora_B.weight.copy_(pair["lora_B"])
+            if unmerge:
+                delta = (wrapped.lora_B.weight.float() @ wrapped.lora_A.weight.float()) * wrapped.scaling  # (out, in)
+                base.weight.copy_((base.weight.float() - delta).to(base.weight.dtype))
         _set_module(model, name, wrapped)
+
+
+def load_adapter(model: nn.Module, directory: str | Path) -> LoRAConfig:
+    """Apply a PEFT LoRA adapter folder to our model (wrapping its target linears) and load its weights."""
+    config, modules, full = read_adapter(directory)
+    source = Path(directory) / ADAPTER_WEIGHTS
+    state = model.state_dict()
+    for name, tensor in full.items():
+        if name not in state or state[name].shape != tensor.shape:
+            raise CheckpointError(f"{source}: {name!r} does not fit this model")
+        with torch.no_grad():
+            state[name].copy_(tensor)
+    _wrap_adapter(model, modules, config, source)
+    return config
+
+
+def continue_adapter(model: nn.Module, directory: str | Path, prefixes: Iterable[str], dropout: float = 0.0
+                     ) -> LoRAConfig:
+    """Train an adapter on: `model` holds it merged (a `smolvlm train` output, or a later stage run on one); its
+    update is taken back out of the weights and its pairs become the LoRA layers, so the saved adapter is again
+    relative to the original base. Its `modules_to_save` are not loaded: the model's own weights are newer."""
+    config, modules, _ = read_adapter(directory)
+    outside = sorted(name for name in modules if not name.startswith(tuple(prefixes)))
+    if outside:
+        raise ConfigError(f"{directory}: the adapter also adapts {outside[0]!r}, a part this stage does not train "
+                          "with LoRA")
+    config.dropout = dropout
+    _wrap_adapter(model, modules, config, Path(directory) / ADAPTER_WEIGHTS, unmerge=True)
     return config

@@ -43,7 +43,7 @@ from smolvlm.model import SmolVLM
 from smolvlm.processing import Processor
 from smolvlm.train.data import BadData, Collator, Sample, TrainBatch, load_samples
 from smolvlm.train.distill import check_same_tokenizer, distill_loss_sum, predicting_positions
-from smolvlm.train.lora import LoRAConfig, apply_lora, merge_lora, save_adapter
+from smolvlm.train.lora import LoRAConfig, apply_lora, continue_adapter, merge_lora, save_adapter
 from smolvlm.train.prefetch import prefetched
 from smolvlm.weights.checkpoint import load_smolvlm, save_smolvlm
 
@@ -76,6 +76,7 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: str = ""  # comma-separated regexes; empty: every projection
+    continue_adapter: str = ""  # an adapter merged into --model, trained on (its rank, alpha and targets)
     # optimisation
     max_steps: int = 100
     batch_size: int = 8  # global samples per optimizer step
@@ -138,6 +139,9 @@ class TrainConfig:
             raise ConfigError("--compile and --gradient-checkpointing do not combine here: pick one")
         if self.data_workers < 0:
             raise ConfigError(f"--data-workers must be 0 (a background thread) or more, got {self.data_workers}")
+        if self.continue_adapter and "lora" not in (self.vision, self.connector, self.text):
+            raise ConfigError("--continue-adapter trains an adapter on: set the parts it adapts to lora "
+                              "(e.g. --text lora)")
 
 
 @dataclass
@@ -194,9 +198,13 @@ def apply_policy(model: torch.nn.Module, config: TrainConfig) -> LoRAConfig | No
     for p in model.parameters():
         p.requires_grad_(False)
     lora_parts = [part for part in PARTS if getattr(config, part) == "lora"]
-    lora = config.lora_config() if lora_parts else None
-    if lora is not None:
-        apply_lora(model, lora, [prefix for part in lora_parts for prefix in PARTS[part]])
+    prefixes = [prefix for part in lora_parts for prefix in PARTS[part]]
+    if config.continue_adapter:
+        lora = continue_adapter(model, config.continue_adapter, prefixes, config.lora_dropout)
+    else:
+        lora = config.lora_config() if lora_parts else None
+        if lora is not None:
+            apply_lora(model, lora, prefixes)
     for name, p in model.named_parameters():
         policy = getattr(config, part_of(name))
         p.requires_grad_(policy == "full" or (policy == "lora" and ".lora_" in name))
@@ -556,7 +564,8 @@ class Trainer:
         if self.lora is not None:
             full = [prefix.rstrip(".") for part, prefixes in PARTS.items() if getattr(self.config, part) == "full"
                     for prefix in prefixes]
-            save_adapter(model, self.lora, directory, base_model=self.config.model, full_modules=full)
+            base = self.lora.base_model or self.config.model  # a continued adapter keeps its own base
+            save_adapter(model, self.lora, directory, base_model=base, full_modules=full)
             merge_lora(model)
         save_run_folder(model, self.processor, self.config.model, directory)
 
