@@ -315,12 +315,17 @@ def plan_steps(scene_log: str | Path, lm_log: str | Path, budget_s: float, scene
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m smolvlm.demo {base,export,manifest,path}`: the recipe's steps and the assembled folder's path."""
+    """`python -m smolvlm.demo {base,assemble,export,manifest,plan,path}`: the recipe's steps and the assembled
+    folder's path."""
     parser = argparse.ArgumentParser(prog="python -m smolvlm.demo")
     sub = parser.add_subparsers(dest="command", required=True)
     base = sub.add_parser("base", help="write the untrained base folder")
     base.add_argument("--out", required=True)
     base.add_argument("--seed", type=int, default=0)
+    assembled = sub.add_parser("assemble", help="write the trained demo folder from an assets folder")
+    assembled.add_argument("--out", required=True)
+    assembled.add_argument("--assets", default=str(ASSETS), help="trained tensors and adapter (default: shipped)")
+    assembled.add_argument("--seed", type=int, default=0)
     export = sub.add_parser("export", help="write the shipped trained tensors from a training run")
     export.add_argument("--run", required=True, help="the run's final/ folder (or a checkpoint folder)")
     export.add_argument("--adapter", help="folder with the LoRA adapter, when an earlier stage trained it")
@@ -342,6 +347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "base":
             print(build_base(args.out, args.seed))
+        elif args.command == "assemble":
+            print(assemble(args.out, seed=args.seed, assets=Path(args.assets), progress=True))
         elif args.command == "export":
             print(export_assets(args.run, args.assets, args.adapter))
         elif args.command == "manifest":

