@@ -7,6 +7,7 @@
 #   -> export (vision/connector, LoRA) -> `smolvlm eval` of the demo as users get it -> manifest.
 # Usage: scripts/train_demo.sh [WORK_DIR]
 #   env: SEED, STEPS1, STEPS2, BATCH1 (stage 1), BATCH (stage 2), N_TRAIN, N_EVAL, THREADS,
+#        SIGNS (how sign text is set, `data synth --signs`: proportional, as shipped, or monospace),
 #        SHARDS (training data written by this many parallel `data synth` runs, shard k seeded SEED + 100k),
 #        DATA_WORKERS (processes building batches; a GPU needs several, the CPU recipe uses a background thread),
 #        COMPILE=1 (both stages torch.compile their layers: fewer, larger kernels for a GPU),
@@ -26,6 +27,7 @@ DATA_WORKERS=${DATA_WORKERS:-0}
 COMPILE=${COMPILE:-}
 N_TRAIN=${N_TRAIN:-6000}
 N_EVAL=${N_EVAL:-280}
+SIGNS=${SIGNS:-proportional}
 export OMP_NUM_THREADS=${THREADS:-2}
 TRAIN_TASKS="colour=1,exists=1,count=1.5,spatial=1,ocr=1.5,grounding=0.5,chart=1.5"
 EVAL_TASKS="colour,exists,count,spatial,ocr,grounding,chart"
@@ -43,7 +45,8 @@ start=$(date +%s)
 mkdir -p "$WORK"
 
 synth() {  # synth DIR N SEED SPLIT TASKS
-    [ -f "$1/$4.jsonl" ] || smolvlm data synth --out "$1" --n "$2" --seed "$3" --split "$4" --tasks "$5" --json
+    [ -f "$1/$4.jsonl" ] || smolvlm data synth --out "$1" --n "$2" --seed "$3" --split "$4" --tasks "$5" \
+        --signs "$SIGNS" --json
 }
 if [ "$SHARDS" -eq 1 ]; then
     synth "$WORK/data" "$N_TRAIN" "$SEED" train "$TRAIN_TASKS"
@@ -86,7 +89,9 @@ rm -rf "$WORK/cache"
 SMOLVLM_CACHE="$WORK/cache" smolvlm eval -m demo --data "$WORK/data/eval.jsonl" --out "$WORK/eval.json"
 end=$(date +%s)
 COMMAND="SEED=$SEED STEPS1=$STEPS1 STEPS2=$STEPS2 BATCH1=$BATCH1 BATCH=$BATCH N_TRAIN=$N_TRAIN SHARDS=$SHARDS"
-COMMAND="$COMMAND DATA_WORKERS=$DATA_WORKERS${COMPILE:+ COMPILE=$COMPILE} scripts/train_demo.sh"
+COMMAND="$COMMAND DATA_WORKERS=$DATA_WORKERS${COMPILE:+ COMPILE=$COMPILE}"
+[ "$SIGNS" = proportional ] || COMMAND="$COMMAND SIGNS=$SIGNS"
+COMMAND="$COMMAND scripts/train_demo.sh"
 RECIPE=$(python -c 'import json, sys; print(json.dumps({"command": sys.argv[7], "train_tasks": sys.argv[1],
     "n_train": int(sys.argv[2]), "eval_tasks": sys.argv[3], "n_eval": int(sys.argv[4]),
     "stage1": "smolvlm train " + sys.argv[5], "stage2": "smolvlm train " + sys.argv[6]}))' \
