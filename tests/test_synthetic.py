@@ -4,6 +4,9 @@ import hashlib
 import json
 import random
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -242,3 +245,15 @@ def test_monospace_signs(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["signs"] == "monospace"
     records = read_records(tmp_path / "train.jsonl")
     assert all("pitch" in r["meta"]["images"][0]["sign"] for r in records)
+
+
+def test_demo_diagnostics_counts_characters_without_a_token():
+    root = Path(__file__).resolve().parents[1]
+    script = root / "scripts" / "demo_diagnostics.py"
+    figures = {}
+    for signs in syn.SIGN_LAYOUTS:
+        out = subprocess.run([sys.executable, str(script), "collisions", "--n", "20", "--signs", signs, "--json"],
+                             capture_output=True, text=True, check=True, cwd=root).stdout
+        figures[signs] = json.loads(out)
+    assert figures["monospace"]["characters_without_a_token"] == 0.0
+    assert figures["proportional"]["characters_without_a_token"] > 0.1  # narrow letters share a 32-px token

@@ -119,14 +119,15 @@ def instance_map(scene: Mapping[str, Any]) -> Drawn:
     return ids, instances
 
 
-def _character_word(char: str) -> str:
-    return f" {char}" if char.isalpha() else char  # SmolLM2 has " A" and "7" as single tokens, " 7" as two
+def character_word(char: str) -> str:
+    """The word an image token says for a character: SmolLM2 has " A" and "7" as single tokens, " 7" as two."""
+    return f" {char}" if char.isalpha() else char
 
 
 def token_word_list() -> list[str]:
     """The words image tokens are taught to say (index = word id): background, colours, shapes, bar, characters."""
     words = [" background"] + [f" {c}" for c in COLOURS] + [f" {s}" for s in SHAPES] + [" bar"]
-    return words + [_character_word(c) for c in CHARACTERS]
+    return words + [character_word(c) for c in CHARACTERS]
 
 
 def _grid(ids: np.ndarray, cell: int, what: str) -> tuple[int, int]:
@@ -168,7 +169,7 @@ def token_words(scene: Mapping[str, Any], token_size: int, drawn: Drawn | None =
         if inst.label >= BAR_CLASSES:
             said = [f" {COLOUR_NAMES[inst.label - BAR_CLASSES]}", " bar"]
         elif inst.label >= CHAR_CLASSES:
-            said = [_character_word(CHARACTERS[inst.label - CHAR_CLASSES])]
+            said = [character_word(CHARACTERS[inst.label - CHAR_CLASSES])]
         else:
             shape, colour = divmod(inst.label - SHAPE_CLASSES, len(COLOURS))
             said = [f" {COLOUR_NAMES[colour]}", f" {SHAPES[shape]}"]

@@ -1,0 +1,242 @@
+"""Where the demo model's answers go wrong: its image tokens, or the language model reading them.
+
+    python scripts/demo_diagnostics.py collisions [--signs monospace] [--n 300]
+        characters of synthetic signs that get no image token of their own (32-px tokens, 256-px pictures)
+    python scripts/demo_diagnostics.py tokens -m demo --data eval.jsonl
+        share of a checkpoint's image tokens whose nearest words are their stage-1 words, per kind of thing
+    python scripts/demo_diagnostics.py oracle -m BASE --train train.jsonl --eval eval.jsonl --task ocr
+        the language model's side alone: LoRA trained on exact image tokens (each the word embeddings of what its
+        region shows, as `--objective scene` targets them), then held-out exact match every 50 steps
+
+`oracle` layouts add words to each shape's token: `plain` colour + shape, `col` + its column digit, `ord` + its
+ordinal among the shapes of its kind in reading order. Scripts' own figures go to stdout; `--json` for one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from smolvlm.api import load
+from smolvlm.train.data import Collator, load_jsonl
+from smolvlm.train.lora import LoRAConfig, apply_lora
+from smolvlm.train.scene_labels import (
+    CHAR_CLASSES, CHARACTERS, COLOUR_NAMES, NO_WORD, SHAPE_CLASSES, SIGN_CLASS, character_word, instance_map,
+    token_word_list, token_words,
+)
+from smolvlm.train.scene_pretrain import SceneBatches, load_scenes, word_embeddings
+from smolvlm.train.synthetic import SHAPES, split_sample
+
+GRID = 8  # the demo's image tokens per side (256-px picture, 32-px tokens)
+
+
+def collisions(signs: str, n: int) -> dict[str, float]:
+    """Characters and whole signs that `token_words` cannot say, over n train-split OCR scenes."""
+    names = token_word_list()
+    lost = total = unreadable = 0
+    for index in range(n):
+        _, _, answer, meta = split_sample("ocr", 0, "train", index, 256, signs)
+        words = token_words(meta["images"][0], 256 // GRID)
+        said = "".join(names[w].strip() for w in words[:, 0] if w > 0)
+        wanted = answer.replace(" ", "")
+        total += len(wanted)
+        lost += len(wanted) - len(said)
+        unreadable += said != wanted
+    return {"signs": n, "characters_without_a_token": lost / total, "signs_unreadable": unreadable / n}
+
+
+def token_accuracy(model: str, data: str, limit: int) -> dict[str, dict[str, float]]:
+    """Per kind (background, shape, bar, chart character, sign character by font): how often a token's nearest
+    words are exactly its stage-1 words."""
+    vlm = load(model, device="cpu", dtype=torch.float32)
+    m = vlm.model
+    scenes = load_scenes(data)[:limit]
+    make_batch = SceneBatches(vlm.processor, m.config.vision.patch_size, m.config.scale_factor)
+    table = word_embeddings(m, vlm.processor).float()  # (W, D)
+    names = token_word_list()
+    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    with torch.no_grad():
+        for i in range(0, len(scenes), 25):
+            chunk = scenes[i : i + 25]
+            batch = make_batch(chunk)
+            tokens = m.connector(m.vision_model(batch["pixel_values"])).float()  # (N, T, D)
+            top2 = (tokens @ table.T).topk(2, dim=-1).indices  # (N, T, 2)
+            for n, scene in enumerate(chunk):
+                for t, (first, second) in enumerate(batch["words"][n].tolist()):
+                    if first == 0:
+                        kind, right = "background", top2[n, t, 0] == 0
+                    elif second == NO_WORD:
+                        kind = "character, " + (f"sign {scene['sign']['style']}" if "sign" in scene else "chart")
+                        right = top2[n, t, 0] == first
+                    else:
+                        kind = "bar" if names[second] == " bar" else "shape"
+                        right = set(top2[n, t].tolist()) == {first, second}
+                    counts[kind][0] += int(right)
+                    counts[kind][1] += 1
+    return {kind: {"right": r / total, "n": total} for kind, (r, total) in sorted(counts.items())}
+
+
+class OracleTokens:
+    """Exact image tokens of a scene: the embeddings of the words its regions show, laid out as in `--objective
+    scene` (a thing at the token holding its centre; characters one token each, in reading order)."""
+
+    def __init__(self, embeddings: torch.Tensor, encode, layout: str) -> None:
+        self.table, self.encode, self.layout = embeddings, encode, layout
+
+    def word(self, text: str) -> torch.Tensor:
+        """The summed embeddings of a text's tokens (one token for every word used here)."""
+        return self.table[torch.tensor(self.encode(text))].sum(0)
+
+    def __call__(self, scene: dict) -> torch.Tensor:
+        """(GRID * GRID, D) tokens of one scene."""
+        _, instances = instance_map(scene)
+        tokens = [self.word(" background")] * (GRID * GRID)
+        cell = 256 // GRID
+        seen: dict[str, int] = defaultdict(int)
+        placed = []
+        for inst in instances:
+            x, y = inst.centre()
+            row, col = min(int(y) // cell, GRID - 1), min(int(x) // cell, GRID - 1)
+            placed.append((row * GRID + col, col, inst))
+        taken: set[int] = set()
+        for at, col, inst in sorted(placed, key=lambda p: p[0]):
+            if inst.label >= CHAR_CLASSES:  # token_words' rule, but a character never loses its token
+                while at in taken and at + 1 < GRID * GRID:
+                    at += 1
+                vector = self.word(character_word(CHARACTERS[inst.label - CHAR_CLASSES]))
+            elif SHAPE_CLASSES <= inst.label < SIGN_CLASS and inst.countable:
+                shape, colour = divmod(inst.label - SHAPE_CLASSES, len(COLOUR_NAMES))
+                seen[SHAPES[shape]] += 1
+                vector = self.word(f" {COLOUR_NAMES[colour]}") + self.word(f" {SHAPES[shape]}")
+                if self.layout == "col":
+                    vector = vector + self.word(str(col))
+                elif self.layout == "ord":
+                    vector = vector + self.word(str(seen[SHAPES[shape]]))
+            else:
+                continue
+            taken.add(at)
+            tokens[at] = vector
+        return torch.stack(tokens)
+
+
+def oracle(model: str, train_path: str, eval_path: str, task: str, layout: str, steps: int, lr: float,
+           batch_size: int, seed: int) -> list[dict[str, float]]:
+    """Train LoRA (r 16) on exact image tokens for one task; held-out exact match every 50 steps."""
+    torch.manual_seed(seed)
+    vlm = load(model, device="cpu", dtype=torch.float32)
+    m, processor = vlm.model, vlm.processor
+    tokenizer = processor.tokenizer
+    oracle_tokens = OracleTokens(m.text_model.embed_tokens.weight.detach().clone(),
+                                 lambda text: tokenizer.encode(text, add_special_tokens=False), layout)
+
+    def task_samples(path: str) -> list[tuple]:
+        scenes = {}
+        for line in Path(path).read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            scenes[record["id"]] = record["meta"]["images"][0]
+        return [(s, scenes[s.id]) for s in load_jsonl(path) if s.task == task]
+
+    train_set, eval_set = task_samples(train_path), task_samples(eval_path)[:40]
+    collator = Collator(processor)
+    for p in m.parameters():
+        p.requires_grad_(False)
+    apply_lora(m, LoRAConfig(r=16, alpha=32), prefixes=("text_model.",))
+    optimizer = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr)
+    order = random.Random(seed)
+    report = []
+    start = time.perf_counter()
+    for step in range(1, steps + 1):
+        picked = order.sample(train_set, batch_size)
+        batch = collator([s for s, _ in picked])
+        features = torch.stack([oracle_tokens(scene) for _, scene in picked])  # (B, T, D)
+        labels = batch.labels[:, 1:]  # (B, L - 1)
+        predicting = torch.zeros_like(batch.labels, dtype=torch.bool)
+        predicting[:, :-1] = labels != -100
+        logits = m(batch.input_ids, batch.attention_mask, image_features=features, logits_mask=predicting).logits
+        loss = torch.nn.functional.cross_entropy(logits, labels[labels != -100])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 50 == 0 or step == steps:
+            report.append({"step": step, "loss": float(loss.detach()), "exact": exact_match(m, collator, eval_set,
+                                                                                   oracle_tokens, tokenizer),
+                           "seconds": time.perf_counter() - start})
+            print(json.dumps(report[-1]), file=sys.stderr)
+    return report
+
+
+@torch.no_grad()
+def exact_match(m, collator: Collator, samples: list[tuple], oracle_tokens: OracleTokens, tokenizer) -> float:
+    """Greedy answers (no cache: they are a few tokens) against the references."""
+    m.eval()
+    right = 0
+    for sample, scene in samples:
+        prompt = collator.processor.encode_chat([sample.conversation()[:1]], add_generation_prompt=True)
+        ids = prompt.input_ids  # (1, T)
+        answer = sample.conversation()[1]["content"][0]["text"]
+        wanted = tokenizer.encode(answer, add_special_tokens=False)
+        produced = []
+        for _ in range(len(wanted)):
+            logits = m(ids, torch.ones_like(ids), image_features=oracle_tokens(scene)[None]).logits[0, -1]
+            produced.append(int(logits.argmax()))
+            ids = torch.cat([ids, torch.tensor([[produced[-1]]])], dim=1)
+        right += produced == wanted
+    m.train()
+    return right / len(samples)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the subcommand and print its figures."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("collisions")
+    c.add_argument("--signs", default="proportional", choices=("proportional", "monospace"))
+    c.add_argument("--n", type=int, default=300)
+    t = sub.add_parser("tokens")
+    t.add_argument("-m", "--model", default="demo")
+    t.add_argument("--data", required=True, help="synthetic JSONL (its scenes are scored)")
+    t.add_argument("--limit", type=int, default=280)
+    o = sub.add_parser("oracle")
+    o.add_argument("-m", "--model", required=True, help="the untrained base (`python -m smolvlm.demo base`)")
+    o.add_argument("--train", required=True)
+    o.add_argument("--eval", required=True)
+    o.add_argument("--task", required=True, choices=("ocr", "count", "spatial", "colour", "exists"))
+    o.add_argument("--layout", default="plain", choices=("plain", "col", "ord"))
+    o.add_argument("--steps", type=int, default=150)
+    o.add_argument("--lr", type=float, default=5e-4)
+    o.add_argument("--batch-size", type=int, default=8)
+    o.add_argument("--seed", type=int, default=0)
+    for p in (c, t, o):
+        p.add_argument("--json", action="store_true", help="one JSON line instead of a table")
+    args = parser.parse_args(argv)
+    if args.command == "collisions":
+        result = collisions(args.signs, args.n)
+    elif args.command == "tokens":
+        result = token_accuracy(args.model, args.data, args.limit)
+    else:
+        result = oracle(args.model, args.train, args.eval, args.task, args.layout, args.steps, args.lr,
+                        args.batch_size, args.seed)
+    if args.json:
+        print(json.dumps(result))
+    elif args.command == "tokens":
+        for kind, row in result.items():
+            print(f"{kind:<28} {100 * row['right']:5.1f}% right  (n={row['n']})")
+    elif isinstance(result, dict):
+        for key, value in result.items():
+            print(f"{key:<28} {value:.4g}")
+    else:
+        for row in result:
+            print(f"step {row['step']:>4}  loss {row['loss']:.3f}  exact {100 * row['exact']:5.1f}%  "
+                  f"({row['seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
