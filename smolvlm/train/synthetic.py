@@ -584,16 +584,20 @@ def _check_size(image_size: int) -> tuple[int, int]:
     return image_size, image_size
 
 
+def _check_signs(signs: str) -> None:
+    """Validate a sign layout name."""
+    if signs not in SIGN_LAYOUTS:
+        raise DataError(f"unknown sign layout {signs!r}; choose from {', '.join(SIGN_LAYOUTS)}")
+
+
 def _build(task: str, rng: random.Random, image_size: int, signs: str = "proportional"
            ) -> tuple[list[Scene], str, str, dict[str, Any]]:
     """Scenes, question, answer and metadata of one sample, without rendering."""
     if task not in _TASK_FNS:
         raise DataError(f"unknown synthetic task {task!r}; choose from {', '.join(TASKS)}")
-    if signs not in SIGN_LAYOUTS:
-        raise DataError(f"unknown sign layout {signs!r}; choose from {', '.join(SIGN_LAYOUTS)}")
+    _check_signs(signs)
     size = _check_size(image_size)
-    made = _task_ocr(rng, size, signs) if task == "ocr" else _TASK_FNS[task](rng, size)
-    scenes, question, answer, query = made
+    scenes, question, answer, query = _task_ocr(rng, size, signs) if task == "ocr" else _TASK_FNS[task](rng, size)
     return scenes, question, answer, {"task": task, "images": scenes, **query}
 
 
@@ -681,8 +685,7 @@ def write_dataset(out_dir: str | Path, n: int, seed: int, split: str = "train",
     if n < 0:
         raise DataError(f"sample count {n} is negative; pass --n 1 or more")
     _check_size(image_size)
-    if signs not in SIGN_LAYOUTS:
-        raise DataError(f"unknown sign layout {signs!r}; choose from {', '.join(SIGN_LAYOUTS)}")
+    _check_signs(signs)
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     path = out / f"{split}.jsonl"
