@@ -56,8 +56,8 @@ def _shape_class(shape: str, colour: str) -> int:
 def _paint_text(ids: np.ndarray, instances: list[Instance], text: str, style: str, size: int,
                 centre: Sequence[int], pitch: int | None = None) -> None:
     """Give each character of a centred text line its own instance id over the ink pixels it covers. A monospaced
-    line (`pitch`) names all its characters on the line's centre row, so a line never splits across two rows of
-    image tokens."""
+    line (`pitch`) names each character at its cell's centre on the line's centre row, so characters a pitch apart
+    get tokens a pitch apart and a line never splits across two rows of image tokens."""
     mask = np.asarray(text_mask(text, style, size, pitch)) > 127  # (h, w)
     left, top = text_origin(mask.shape[1], mask.shape[0], centre)
     H, W = ids.shape
