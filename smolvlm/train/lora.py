@@ -100,9 +100,14 @@ def apply_lora(model: nn.Module, config: LoRAConfig, prefixes: Iterable[str] = (
     names = matching_linears(model, config.targets, prefixes)
     if not names:
         raise ConfigError(f"no linear layer under {list(prefixes)} matches the LoRA targets {config.targets}")
+    wrap_linears(model, names, config)
+    return names
+
+
+def wrap_linears(model: nn.Module, names: Iterable[str], config: LoRAConfig) -> None:
+    """Wrap the named linears in fresh LoRALinear layers of `config`'s rank and scale."""
     for name in names:
         _set_module(model, name, LoRALinear(model.get_submodule(name), config.r, config.alpha, config.dropout))
-    return names
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:

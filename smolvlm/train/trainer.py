@@ -43,7 +43,9 @@ from smolvlm.model import SmolVLM
 from smolvlm.processing import Processor
 from smolvlm.train.data import BadData, Collator, Sample, TrainBatch, load_samples
 from smolvlm.train.distill import check_same_tokenizer, distill_loss_sum, predicting_positions
-from smolvlm.train.lora import LoRAConfig, apply_lora, continue_adapter, merge_lora, save_adapter
+from smolvlm.train.lora import (
+    LoRAConfig, apply_lora, continue_adapter, lora_modules, merge_lora, save_adapter, wrap_linears,
+)
 from smolvlm.train.prefetch import prefetched
 from smolvlm.weights.checkpoint import load_smolvlm, save_smolvlm
 
@@ -558,8 +560,8 @@ class Trainer:
 
     def _write_export(self, state: dict[str, torch.Tensor], directory: Path) -> None:
         model = SmolVLM(self.model.config)
-        if self.lora is not None:
-            apply_policy(model, self.config)
+        if self.lora is not None:  # the training model's LoRA layers, to load its state into
+            wrap_linears(model, lora_modules(self.model), self.lora)
         model.load_state_dict(state)
         if self.lora is not None:
             full = [prefix.rstrip(".") for part, prefixes in PARTS.items() if getattr(self.config, part) == "full"
