@@ -28,11 +28,11 @@ from smolvlm.api import load
 from smolvlm.train.data import Collator, load_jsonl
 from smolvlm.train.lora import LoRAConfig, apply_lora
 from smolvlm.train.scene_labels import (
-    CHAR_CLASSES, CHARACTERS, COLOUR_NAMES, NO_WORD, SHAPE_CLASSES, SIGN_CLASS, character_word, instance_map,
-    token_word_list, token_words,
+    BAR_CLASSES, CHAR_CLASSES, CHARACTERS, COLOUR_NAMES, NO_WORD, SHAPE_CLASSES, SIGN_CLASS, character_word,
+    instance_map, token_word_list, token_words,
 )
 from smolvlm.train.scene_pretrain import SceneBatches, load_scenes, word_embeddings
-from smolvlm.train.synthetic import SHAPES, split_sample
+from smolvlm.train.synthetic import SHAPES, SIGN_LAYOUTS, split_sample
 
 GRID = 8  # the demo's image tokens per side (256-px picture, 32-px tokens)
 
@@ -107,7 +107,7 @@ class OracleTokens:
             placed.append((row * GRID + col, col, inst))
         taken: set[int] = set()
         for at, col, inst in sorted(placed, key=lambda p: p[0]):
-            if inst.label >= CHAR_CLASSES:  # token_words' rule, but a character never loses its token
+            if CHAR_CLASSES <= inst.label < BAR_CLASSES:  # token_words' rule, but a character never loses its token
                 while at in taken and at + 1 < GRID * GRID:
                     at += 1
                 vector = self.word(character_word(CHARACTERS[inst.label - CHAR_CLASSES]))
@@ -165,8 +165,8 @@ def oracle(model: str, train_path: str, eval_path: str, task: str, layout: str, 
         loss.backward()
         optimizer.step()
         if step % 50 == 0 or step == steps:
-            report.append({"step": step, "loss": float(loss.detach()), "exact": exact_match(m, collator, eval_set,
-                                                                                   oracle_tokens, tokenizer),
+            exact = exact_match(m, collator, eval_set, oracle_tokens, tokenizer)
+            report.append({"step": step, "loss": float(loss.detach()), "exact": exact,
                            "seconds": time.perf_counter() - start})
             print(json.dumps(report[-1]), file=sys.stderr)
     return report
@@ -178,13 +178,13 @@ def exact_match(m, collator: Collator, samples: list[tuple], oracle_tokens: Orac
     m.eval()
     right = 0
     for sample, scene in samples:
-        prompt = collator.processor.encode_chat([sample.conversation()[:1]], add_generation_prompt=True)
-        ids = prompt.input_ids  # (1, T)
-        answer = sample.conversation()[1]["content"][0]["text"]
-        wanted = tokenizer.encode(answer, add_special_tokens=False)
+        messages = sample.conversation()
+        ids = collator.processor.encode_chat([messages[:1]], add_generation_prompt=True).input_ids  # (1, T)
+        wanted = tokenizer.encode(messages[1]["content"][0]["text"], add_special_tokens=False)
+        features = oracle_tokens(scene)[None]  # (1, T_img, D)
         produced = []
         for _ in range(len(wanted)):
-            logits = m(ids, torch.ones_like(ids), image_features=oracle_tokens(scene)[None]).logits[0, -1]
+            logits = m(ids, torch.ones_like(ids), image_features=features).logits[0, -1]
             produced.append(int(logits.argmax()))
             ids = torch.cat([ids, torch.tensor([[produced[-1]]])], dim=1)
         right += produced == wanted
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("collisions")
-    c.add_argument("--signs", default="proportional", choices=("proportional", "monospace"))
+    c.add_argument("--signs", default="proportional", choices=SIGN_LAYOUTS)
     c.add_argument("--n", type=int, default=300)
     t = sub.add_parser("tokens")
     t.add_argument("-m", "--model", default="demo")
