@@ -45,7 +45,7 @@ def test_assembled_once_into_a_hashed_folder_then_reused(demo_dir, cache, monkey
 
 
 def test_assemble_command_writes_the_same_folder(demo_dir, tmp_path, capsys):
-    # The recipe's second pass starts from a first pass's assets assembled this way.
+    # The folder a run's exported assets give (`demo export --assets DIR`, then `demo assemble --assets DIR`).
     assert demo.main(["assemble", "--assets", str(demo.ASSETS), "--out", str(tmp_path / "demo")]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "demo")
     for name in ("model.safetensors", "config.json", "tokenizer.json"):
