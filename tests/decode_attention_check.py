@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from helpers_model import image_prompt, left_pad, ours_from_hf, hf_smolvlm, random_tiles, tiny_config
 from smolvlm.engine.generate import Engine, GenerationConfig
+from smolvlm.engine.kv_cache import KVCache
 from smolvlm.model import decode_attention  # noqa: F401  (registers torch.ops.smolvlm.decode_attention)
 from smolvlm.model.text import Attention, apply_rotary
 
@@ -33,15 +34,19 @@ def check_kernel(heads: int, kv_heads: int, length: int, position: int, dtype: t
     angles = torch.rand(B, hd // 2, generator=gen) * 6
     cos = torch.cat([angles.cos(), angles.cos()], -1).to(dtype)
     sin = torch.cat([-angles.sin(), angles.sin()], -1).to(dtype)
-    k_cache = torch.randn(B, kv_heads, length, hd, generator=gen).to(dtype)
-    v_cache = torch.randn(B, kv_heads, length, hd, generator=gen).to(dtype)
+    caches = KVCache(2, B, kv_heads, hd, length, dtype=dtype)  # the kernel writes layer 1, reached by its table
+    for buffer in caches.keys + caches.values:
+        buffer.copy_(torch.randn(buffer.shape, generator=gen))
+    k_cache, v_cache = caches.keys[1].clone(), caches.values[1].clone()
+    before_layer0 = caches.keys[0].clone(), caches.values[0].clone()
     valid = (torch.rand(B, length, generator=gen) > 0.3).long()
     valid[:, position + 1 :] = 0
     valid[:, position] = 1
     valid[1, :position] = 0  # a row that sees only the new token
     at = torch.tensor([position])
-    ours_k, ours_v = k_cache.clone(), v_cache.clone()
-    out = torch.ops.smolvlm.decode_attention(qkv, cos, sin, ours_k, ours_v, valid, at, heads)
+    ours_k, ours_v = caches.keys[1], caches.values[1]
+    out = torch.ops.smolvlm.decode_attention(qkv, cos, sin, ours_k, caches.bind_pointers(), 1, valid, at, heads)
+    assert torch.equal(caches.keys[0], before_layer0[0]) and torch.equal(caches.values[0], before_layer0[1])
     ref_k, ref_v = k_cache.float().clone(), v_cache.float().clone()  # the reference writes into these
     want = reference(qkv.float(), cos.float(), sin.float(), ref_k, ref_v, valid, at, heads)
     assert out.dtype == dtype and out.shape == (B, heads * hd)
@@ -71,9 +76,14 @@ def check_engine(family: str) -> None:
     try:
         assert tokens(step_mode="graphs", decode_kernel=True) == plain
         assert tokens(step_mode="static", decode_kernel=True) == plain
+        # A slot's later requests each decode in a cache of their own, bound to the slot's address table.
+        engine = Engine(model, str, [config.text.vocab_size - 1], step_mode="graphs", decode_kernel=True)
+        for _ in range(2):
+            results = engine.generate(ids, mask, configs, pixel_values=pixels, pixel_attention_mask=pixel_mask)
+            assert [r.token_ids for r in results] == plain
     finally:
         Attention._decode_kernel = fused
-    assert len(calls) == 2 * 8 * config.text.num_hidden_layers  # 8 static steps per run, every layer fused
+    assert len(calls) == 4 * 8 * config.text.num_hidden_layers  # 8 static steps per run, every layer fused
 
 
 if __name__ == "__main__":

@@ -83,6 +83,29 @@ def test_graph_replays_equal_eager_gpu_steps(case):
     assert _tokens(gpu_model, config, ids, mask, vision, "graphs") == eager_static
 
 
+@pytest.mark.parametrize("decode_kernel", [True, False])
+def test_slots_keep_their_graph_and_free_each_requests_cache(case, decode_kernel):
+    """With the fused decode attention (the GPU default) the graph reaches the KV cache through an address table:
+    each request decodes in a cache of its own, freed when it ends (memory back where it was), under the same
+    graph. Without it the graph holds the cache's addresses, and the slot keeps its cache."""
+    if decode_kernel:
+        pytest.importorskip("triton")
+    config, model, ids, mask, vision = case
+    engine = Engine(_on_gpu(model, torch.float32), str, [config.text.vocab_size - 1], step_mode="graphs",
+                    decode_kernel=decode_kernel)
+    configs = [GenerationConfig(max_new_tokens=n) for n in (NEW, NEW // 2)]
+    first = [r.token_ids for r in engine.generate(ids, mask, configs, **vision)]
+    (slot,) = engine._graphs.slots.values()
+    graph = slot.graph
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    second = [r.token_ids for r in engine.generate(ids, mask, configs, **vision)]
+    torch.cuda.synchronize()
+    assert second == first and slot.graph is graph
+    assert (slot.cache is None) == decode_kernel
+    assert torch.cuda.memory_allocated() == before
+
+
 def test_compiled_graphs_equal_graphs(case, monkeypatch):
     config, model, ids, mask, vision = case
     if config.vision.patch_size != 16:

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from helpers_model import hf_smolvlm, image_prompt, left_pad, ours_from_hf, random_tiles, tiny_config
-from smolvlm.engine import generate
+from smolvlm.engine import generate, graphs
 from smolvlm.engine.generate import Engine, GenerationConfig
-from smolvlm.errors import GenerationError, ImageError
+from smolvlm.errors import GenerationError, ImageError, PromptError
 
 NEW = 12
 
@@ -64,6 +64,23 @@ def test_vision_in_chunks_with_padding_tiles_matches_transformers(pair, chunk, m
     vision = dict(pixel_values=pixels, pixel_attention_mask=pixel_mask)
     monkeypatch.setattr(generate, "VISION_CHUNK", chunk)  # chunks of real and padding tiles, split unevenly
     assert _ours(ours, config, ids, mask, **vision) == _reference(hf, config, ids, mask, **vision)
+
+
+@pytest.mark.parametrize("rows_per_forward", [1, 2])
+def test_prefill_in_row_chunks_matches_transformers(pair, rows_per_forward, monkeypatch):
+    """Rows prefilled a few at a time (each chunk with its own rows' image tokens) into one cache."""
+    config, hf, ours = pair
+    prompts = [image_prompt(config, tiles=n, text_before=2, text_after=3, seed=n) for n in (3, 1, 2)]
+    ids, mask = left_pad(prompts)
+    pixels, pixel_mask = random_tiles(config, [3, 1, 2], seed=4)
+    vision = dict(pixel_values=pixels, pixel_attention_mask=pixel_mask)
+    monkeypatch.setattr(generate, "PREFILL_CHUNK_TOKENS", rows_per_forward * ids.shape[1])
+    assert _ours(ours, config, ids, mask, **vision) == _reference(hf, config, ids, mask, **vision)
+    # Image tokens and features that do not match are an error whichever chunk they fall in.
+    bad = ids.clone()
+    bad[2, (bad[2] == config.image_token_id).nonzero()[0]] = 1  # the last row loses one image token
+    with pytest.raises(PromptError, match="image tokens"):
+        _ours(ours, config, bad, mask, **vision)
 
 
 def test_padded_batch_greedy_matches_transformers(pair):
@@ -153,7 +170,9 @@ def test_graph_slots_equal_eager_steps_as_rows_leave(pair, monkeypatch):
     assert [r.token_ids for r in engine.generate(ids, mask, configs)] == eager
     # The slot (batch bucket 4, one padding row) is reused by the next request and gives the same answers.
     assert [r.token_ids for r in engine.generate(ids, mask, configs)] == eager
-    assert list(engine._graphs.slots) == [(4, 256)]
+    assert list(engine._graphs.slots) == [(4, graphs.length_bucket(ids.shape[1] + NEW))]
+    # Off a GPU the slot keeps no cache between requests: each request's is allocated when it starts.
+    assert next(iter(engine._graphs.slots.values())).cache is None
     # A second stream while the first is suspended gets a slot of its own instead of overwriting the first's cache.
     first = engine.stream(ids, mask, configs)
     next(first)

@@ -57,6 +57,22 @@ def test_for_config_and_select():
         cache.select([])
 
 
+def test_row_views_and_the_address_table():
+    cache = KVCache(num_layers=3, batch_size=4, num_kv_heads=2, head_dim=4, max_len=5)
+    view = cache.rows(1, 3)
+    view.update(2, torch.ones(2, 2, 3, 4), torch.ones(2, 2, 3, 4))  # writes land in rows 1..2 of the buffers
+    assert cache.keys[2][:, 0, 0, 0].tolist() == [0.0, 1.0, 1.0, 0.0] and view.pointers is None
+    with pytest.raises(GenerationError):
+        cache.rows(3, 5)
+    table = torch.full((2, 3), -1, dtype=torch.int64)
+    assert cache.bind_pointers(table) is table and cache.pointers is table
+    assert table.tolist() == [[k.data_ptr() for k in cache.keys], [v.data_ptr() for v in cache.values]]
+    assert len({k.untyped_storage().data_ptr() for k in cache.keys + cache.values}) == 1  # one allocation
+    cache.select([0, 2])  # new buffers: the table no longer describes them
+    assert cache.pointers is None
+    assert cache.bind_pointers()[0, 1].item() == cache.keys[1].data_ptr()
+
+
 def test_decode_step_by_step_equals_full_forward(lm):
     """Left-padded batch: prefill, then one token at a time, then a chunk of three (chunked prefill)."""
     ids, mask = left_pad([torch.randint(0, 300, (14,)), torch.randint(0, 300, (9,))])

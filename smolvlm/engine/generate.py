@@ -23,6 +23,9 @@ from smolvlm.errors import GenerationError
 MAX_STOP_STRINGS = 64
 MAX_STOP_LENGTH = 256
 VISION_CHUNK = 8  # tiles through the vision tower at once: thousands of patches per GEMM, a bounded peak memory
+# Prompt tokens per prefill forward, in whole rows (a longer row goes alone): the decoder's activations (its MLP's
+# are ~32 bytes per token per hidden unit) then stay small beside a batch's KV cache, which is allocated by then.
+PREFILL_CHUNK_TOKENS = 256
 
 
 @dataclass
@@ -134,6 +137,8 @@ class CacheSession:
     def keep(self, kept: list[int]) -> None:
         """Only the rows at these positions (of the active rows) go on."""
         self.cache.select(kept)
+        if self.engine.step_mode != "eager":
+            self.cache.bind_pointers()  # the static step may read the cache through its address table
         self.mask = self.mask[kept]
 
     def next_logits(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -175,6 +180,7 @@ class Engine:
         self.is_vlm = hasattr(model, "encode_images")
         self.step_mode = step_mode
         self.lookahead = self.device.type == "cuda"  # queue step t+1 before reading step t's tokens (see _decode)
+        self.prefill_chunk_tokens = PREFILL_CHUNK_TOKENS
         decoder = model.text_model if self.is_vlm else model.model
         if decode_kernel is None:  # on where it was measured faster: GPU static steps (benchmarks/generate_cuda.py)
             decode_kernel = self.device.type == "cuda" and step_mode != "eager" and not decoder.decode_kernel_problem()
@@ -192,7 +198,8 @@ class Engine:
         if step_mode.endswith("graphs"):
             # Fewer, larger GEMMs: on a GPU a small decode step is bound by its kernel count.
             decoder.fuse_projections()
-            self._graphs = GraphedDecoder(self._static_step, self.text_config, self.dtype, self.device)
+            self._graphs = GraphedDecoder(self._static_step, self.text_config, self.dtype, self.device,
+                                          reads_table=lambda max_len: max_len <= decoder.decode_kernel_max_len)
 
     @property
     def device(self) -> torch.device:
@@ -237,6 +244,30 @@ class Engine:
             return out.logits[:, -1]
         return self.model(input_ids, attention_mask, cache=cache, logits_to_keep=1)[:, -1]
 
+    def _prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: KVCache,
+                 image_features: torch.Tensor | None) -> torch.Tensor:
+        """Next-token logits (B, V) after each prompt, prefilling as many rows at a time as `prefill_chunk_tokens`
+        allows; `image_features` (n_tiles, tokens_per_tile, D) are the batch's image tokens in row order."""
+        B, T = input_ids.shape
+        rows = max(1, self.prefill_chunk_tokens // T)
+        vision = {} if image_features is None else {"image_features": image_features}
+        if rows >= B:
+            return self._logits(input_ids, attention_mask, cache, **vision)
+        if image_features is not None:
+            features = image_features.reshape(-1, image_features.shape[-1])  # (image tokens, D)
+            per_row = (input_ids == self.model.config.image_token_id).sum(1)  # (B,)
+            ends = [0, *per_row.cumsum(0).tolist()]  # row r's image tokens are features[ends[r]:ends[r + 1]]
+            self.model.check_image_tokens(ends[-1], features.shape[0])
+        logits = []
+        for start in range(0, B, rows):
+            stop = min(B, start + rows)
+            if image_features is not None:
+                vision = {"image_features": features[ends[start] : ends[stop]]}
+            logits.append(self._logits(input_ids[start:stop], attention_mask[start:stop], cache.rows(start, stop),
+                                       **vision))  # (rows, V)
+        cache.advance(T)  # the row views advanced themselves
+        return torch.cat(logits)
+
     def _static_logits(self, tokens: torch.Tensor, valid: torch.Tensor, position_ids: torch.Tensor,
                        cache_position: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One static-shape decode step: tokens (B, 1), valid (B, max_len) -> next-token logits (B, V)."""
@@ -249,6 +280,8 @@ class Engine:
         if self._graphs is not None and B <= BATCH_BUCKETS[-1]:  # larger batches run the same step uncaptured
             return self._graphs.session(attention_mask, max_new)
         cache = KVCache.for_config(self.text_config, B, T + max_new, dtype=self.dtype, device=attention_mask.device)
+        if self.step_mode != "eager":
+            cache.bind_pointers()  # the static step may read the cache through its address table
         # (B, T + max_new): eager steps slice the written prefix of all ones; static steps set each column as written
         future = (attention_mask.new_ones if self.step_mode == "eager" else attention_mask.new_zeros)(B, max_new)
         return CacheSession(self, cache, torch.cat([attention_mask, future], dim=1)), cache
@@ -279,18 +312,18 @@ class Engine:
         start = time.perf_counter()
         with self._on_device():
             input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-            vision = {}
+            image_features = None
             if pixel_values is not None:
-                vision = {"image_features": self._image_features(pixel_values, pixel_attention_mask)}
-        vision_seconds = self._synchronized_since(start)
-        with self._on_device():
-            # After the vision tower, so that a new decode slot's KV cache and the tower's activations never coexist.
+                image_features = self._image_features(pixel_values, pixel_attention_mask)
+            # After the vision tower, so that the request's KV cache and the tower's activations never coexist.
             session, cache = self._session(attention_mask, max_new)
         try:
-            start = time.perf_counter()
             with self._on_device():
-                logits = self._logits(input_ids, attention_mask, cache, **vision)  # (B, V)
-            prefill_seconds = vision_seconds + self._synchronized_since(start)  # the first token needs the sync
+                logits = self._prefill(input_ids, attention_mask, cache, image_features)  # (B, V)
+            image_features = cache = None  # not needed while decoding
+            # Prefill time covers the vision tower, the KV cache (and a new slot's capture) and the prompt; the
+            # first token needs the sync anyway.
+            prefill_seconds = self._synchronized_since(start)
             yield from self._decode(session, logits, rows)
         finally:
             session.close()

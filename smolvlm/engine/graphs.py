@@ -6,6 +6,11 @@ KV cache, and every later token is one graph replay. Rows the bucket pads with, 
 decoding harmlessly in their own cache rows; nobody reads their logits. Position ids, the attention-mask column and
 the cache write position advance inside the graph, so the host only copies in the sampled tokens.
 
+Where the step reaches the cache through its address table (the fused decode attention, the GPU default), the KV
+cache is the request's own: allocated when the request starts (after its vision tower ran), bound to the slot's
+table and freed when it ends, as a dynamic cache would be, while the graph is kept. Otherwise the graph holds the
+cache's addresses and the slot keeps its cache between requests.
+
 On the CPU the same slots run the step eagerly (no capture), which is how the bookkeeping is tested without a GPU.
 """
 
@@ -21,7 +26,9 @@ from smolvlm.engine.kv_cache import KVCache
 from smolvlm.errors import GenerationError
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
-LENGTH_QUANTUM = 256  # cache lengths round up to a multiple of this, so requests of similar length share a graph
+# Cache lengths round up to a multiple of this: requests of similar length share a graph, while at most 31 unused
+# columns are allocated and attended over.
+LENGTH_QUANTUM = 32
 MAX_SLOTS = 4  # captured shapes kept; the least recently used goes (with its KV cache) when a new one is needed
 
 # tokens (B, 1), mask (B, L), position_ids (B, 1), cache_position (1,), cache -> next-token logits (B, V)
@@ -42,15 +49,20 @@ def length_bucket(length: int) -> int:
 
 
 class DecodeSlot:
-    """Static inputs, a KV cache and (on CUDA) the captured graph of one decode-step shape."""
+    """Static inputs, the KV cache address table, a KV cache (kept, or each request's) and (on CUDA) the captured
+    graph of one decode-step shape."""
 
     def __init__(self, step: StepFunction, config: TextConfig, batch: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device, pool: tuple | None = None) -> None:
-        self.batch, self.max_len = batch, max_len
+                 device: torch.device, pool: tuple | None = None, keeps_cache: bool = True) -> None:
+        """`keeps_cache`: the cache lives as long as the slot (the step holds its addresses); else each request
+        gets a new one, bound to the slot's address table (`KVCache.bind_pointers`), freed when it ends."""
+        self.batch, self.max_len, self.keeps_cache = batch, max_len, keeps_cache
         self._step = step
+        self._new_cache = lambda: KVCache.for_config(config, batch, max_len, dtype=dtype, device=device)
         self.busy = False  # a request is decoding in this slot
         with torch.inference_mode():
-            self.cache = KVCache.for_config(config, batch, max_len, dtype=dtype, device=device)
+            self.cache: KVCache | None = self._new_cache()  # the capture's, then the first request's
+            self.pointers = self.cache.bind_pointers()  # (2, layers) the table a captured step reads
             self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
             self.mask = torch.zeros(batch, max_len, dtype=torch.long, device=device)
             self.position_ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
@@ -88,13 +100,16 @@ class DecodeSlot:
         B, T = attention_mask.shape
         if B > self.batch or T >= self.max_len:
             raise GenerationError(f"a ({B}, {T}) prompt does not fit a decode slot of ({self.batch}, {self.max_len})")
+        if self.cache is None:  # the last request's cache was freed: the graph runs over a new one
+            self.cache = self._new_cache()
+            self.cache.bind_pointers(self.pointers)
         self.mask.zero_()
         self.mask[:B, :T] = attention_mask
         self.position_ids.zero_()
         self.position_ids[:B, 0] = attention_mask.sum(-1)  # each row's next position: its attended tokens so far
         self.cache_position.fill_(T)
         self.busy = True
-        return self.cache.first_rows(B)
+        return self.cache.rows(0, B)
 
     def run(self) -> torch.Tensor:
         """One decode step on whatever `tokens` holds; the next-token logits (batch, V) (a static buffer on CUDA)."""
@@ -103,6 +118,12 @@ class DecodeSlot:
         else:
             self.graph.replay()
         return self.logits
+
+    def finish(self) -> None:
+        """The request is over: free its cache unless the slot keeps one, and make the slot available."""
+        if not self.keeps_cache:
+            self.cache = None
+        self.busy = False
 
 
 class GraphSession:
@@ -125,14 +146,18 @@ class GraphSession:
 
     def close(self) -> None:
         """Give the slot back for the next request."""
-        self.slot.busy = False
+        self.slot.finish()
 
 
 class GraphedDecoder:
     """The decode slots of one model, created (and on CUDA captured) on first use and then reused."""
 
-    def __init__(self, step: StepFunction, config: TextConfig, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, step: StepFunction, config: TextConfig, dtype: torch.dtype, device: torch.device,
+                 reads_table: Callable[[int], bool] = lambda max_len: False) -> None:
+        """`reads_table(max_len)`: whether the step for caches that long reaches them only through their address
+        table, so that a slot's graph can outlive each request's cache."""
         self.step, self.config, self.dtype, self.device = step, config, dtype, device
+        self.reads_table = reads_table
         self.slots: OrderedDict[tuple[int, int], DecodeSlot] = OrderedDict()
         self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None  # graphs share one pool
 
@@ -142,12 +167,17 @@ class GraphedDecoder:
         key = (batch_bucket(B), length_bucket(T + max_new_tokens))
         slot = self.slots.get(key)
         if slot is not None and slot.busy:  # another stream of this engine is decoding in it: use a private one
-            slot = DecodeSlot(self.step, self.config, *key, self.dtype, self.device, self.pool)
+            slot = self._new_slot(*key)
         elif slot is None:
             while len(self.slots) >= MAX_SLOTS:
                 self.slots.popitem(last=False)
-            slot = self.slots[key] = DecodeSlot(self.step, self.config, *key, self.dtype, self.device, self.pool)
+            slot = self.slots[key] = self._new_slot(*key)
         else:
             self.slots.move_to_end(key)  # most recently used last
         cache = slot.begin(attention_mask)
         return GraphSession(slot, B), cache
+
+    def _new_slot(self, batch: int, max_len: int) -> DecodeSlot:
+        # A graph holds the addresses of the cache it was captured with unless the step reads them from the table.
+        keeps_cache = self.device.type == "cuda" and not self.reads_table(max_len)
+        return DecodeSlot(self.step, self.config, batch, max_len, self.dtype, self.device, self.pool, keeps_cache)

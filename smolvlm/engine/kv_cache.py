@@ -32,11 +32,12 @@ class KVCache:
             raise GenerationError(f"KVCache needs batch_size >= 1 and max_len >= 1, got {batch_size} and {max_len}")
         shape = (batch_size, num_kv_heads, max_len, head_dim)
         # Zeros, not empty: static-shape decoding attends over the whole buffer with unwritten columns masked, and
-        # a masked NaN from uninitialised memory would still poison the output (0 * NaN = NaN).
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # a masked NaN from uninitialised memory would still poison the output (0 * NaN = NaN). One allocation.
+        buffers = torch.zeros(2, num_layers, *shape, dtype=dtype, device=device)
+        self.keys, self.values = list(buffers[0].unbind(0)), list(buffers[1].unbind(0))
         self.max_len = max_len
         self.length = 0  # tokens stored so far (the write position)
+        self.pointers: torch.Tensor | None = None  # see bind_pointers
 
     @classmethod
     def for_config(
@@ -62,6 +63,18 @@ class KVCache:
     def batch_size(self) -> int:
         """Rows currently held."""
         return self.keys[0].shape[0]
+
+    def bind_pointers(self, table: torch.Tensor | None = None) -> torch.Tensor:
+        """Write the address of every layer's key and value buffer into `table` ((2, layers) int64 on the cache's
+        device; a new one if None), keep it as `pointers` and return it. A kernel that reaches the cache through
+        this table leaves no buffer address in a CUDA graph, so the graph replays over any cache bound to it."""
+        addresses = torch.tensor([[k.data_ptr() for k in self.keys], [v.data_ptr() for v in self.values]])
+        if table is None:
+            table = addresses.to(self.keys[0].device)
+        else:
+            table.copy_(addresses)
+        self.pointers = table
+        return table
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's keys/values (B, kv_heads, T, hd) at the write position; return views of all so far."""
@@ -99,14 +112,14 @@ class KVCache:
         """Empty the cache, keeping its buffers for the next request."""
         self.length = 0
 
-    def first_rows(self, n: int) -> "KVCache":
-        """An empty cache over the first `n` rows of these buffers (writes land here; for prefilling a slot)."""
-        if not 1 <= n <= self.batch_size:
-            raise GenerationError(f"cannot take {n} rows of a cache of {self.batch_size}")
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """A cache over rows start..stop of these buffers at the same write position (writes land here)."""
+        if not 0 <= start < stop <= self.batch_size:
+            raise GenerationError(f"cannot take rows {start}..{stop} of a cache of {self.batch_size}")
         view = KVCache.__new__(KVCache)
-        view.keys = [buf[:n] for buf in self.keys]
-        view.values = [buf[:n] for buf in self.values]
-        view.max_len, view.length = self.max_len, 0
+        view.keys = [buf[start:stop] for buf in self.keys]
+        view.values = [buf[start:stop] for buf in self.values]
+        view.max_len, view.length, view.pointers = self.max_len, self.length, None
         return view
 
     def select(self, rows: Sequence[int] | torch.Tensor) -> None:
@@ -116,3 +129,4 @@ class KVCache:
             raise GenerationError("KVCache.select needs at least one row")
         self.keys = [buf.index_select(0, index) for buf in self.keys]
         self.values = [buf.index_select(0, index) for buf in self.values]
+        self.pointers = None  # new buffers: bind_pointers again

@@ -184,6 +184,7 @@ def trim_padding(cache: KVCache, mask: torch.Tensor) -> torch.Tensor:
         return mask
     cache.keys = [k[:, :, first:] for k in cache.keys]
     cache.values = [v[:, :, first:] for v in cache.values]
+    cache.pointers = None
     cache.length -= first
     cache.max_len -= first
     return mask[:, first:]

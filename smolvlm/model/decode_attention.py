@@ -5,6 +5,9 @@ a rope kernel, two cache writes, SDPA (and a memset before it); this Triton kern
 layer. One program per (row, query head): it rotates its query and its kv head's new key, the group's first head
 stores that key and the new value at the write position, and it attends over the cache under the row's mask with an
 online softmax. The new key/value enter the attention from registers, so no program reads what another writes.
+The kernel finds the layer's cache buffers through a table of addresses (KVCache.bind_pointers) rather than as
+arguments, so a CUDA graph of the step holds the table's address only: the engine allocates each request's cache
+after its vision tower ran, writes the new addresses into the table and replays the same graph.
 A program per query head (not per kv head) keeps its tiles 2-D, (positions, head_dim), and gives a batch-1 step
 HEADS programs instead of KV_HEADS: the first version, one program per kv head with (group, positions, head_dim)
 tiles, took ~30 us a layer on an H200 at batch 1, slower than the five kernels it replaced.
@@ -20,6 +23,8 @@ import os
 import shutil
 
 import torch
+
+from smolvlm.errors import GenerationError
 
 MAX_CACHE_LEN = 4096  # one program per (row, head) walks the whole cache: beyond this, SDPA's split work wins
 BLOCK_L = 128  # cache positions per inner iteration: a (128, 64) fp32 tile is 64 registers a thread
@@ -44,7 +49,7 @@ if available():
 
     @triton.jit
     def _decode_attention_kernel(
-        qkv_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, valid_ptr, position_ptr, out_ptr,
+        qkv_ptr, cos_ptr, sin_ptr, cache_table_ptr, layer, num_layers, valid_ptr, position_ptr, out_ptr,
         stride_qkv_b, stride_rope_b, stride_cache_b, stride_cache_h, stride_cache_l, stride_valid_b, stride_out_b,
         SCALE: tl.constexpr, CACHE_LEN: tl.constexpr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
@@ -66,7 +71,9 @@ if available():
         q_at = base + head * HEAD_DIM
         k_at = base + (HEADS + kv_head) * HEAD_DIM
         v_at = base + (HEADS + KV_HEADS + kv_head) * HEAD_DIM
-        out_dtype = k_cache_ptr.dtype.element_ty
+        out_dtype = qkv_ptr.dtype.element_ty  # the cache's dtype too (the op checks)
+        k_cache_ptr = tl.load(cache_table_ptr + layer).to(tl.pointer_type(out_dtype))
+        v_cache_ptr = tl.load(cache_table_ptr + num_layers + layer).to(tl.pointer_type(out_dtype))
         query = tl.load(q_at + dims).to(tl.float32) * cos + tl.load(q_at + partner).to(tl.float32) * ssin
         query = query.to(out_dtype).to(tl.float32) * SCALE  # rounded as the unfused rope's output is
         new_k = tl.load(k_at + dims).to(tl.float32) * cos + tl.load(k_at + partner).to(tl.float32) * ssin
@@ -104,21 +111,26 @@ if available():
             best = new_best
         tl.store(out_ptr + row * stride_out_b + head * HEAD_DIM + dims, (acc / total).to(out_ptr.dtype.element_ty))
 
-    @torch.library.triton_op("smolvlm::decode_attention", mutates_args={"k_cache", "v_cache"})
-    def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                         v_cache: torch.Tensor, valid: torch.Tensor, position: torch.Tensor, heads: int
-                         ) -> torch.Tensor:
-        """qkv (B, (H + 2 KV) hd) of one new token per row, rope cos / signed sin (B, hd), caches (B, KV, L, hd),
+    # Declared pure: the caches it writes are reached through the table, which nothing else in a decode step reads.
+    @torch.library.triton_op("smolvlm::decode_attention", mutates_args=())
+    def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache_like: torch.Tensor,
+                         cache_table: torch.Tensor, layer: int, valid: torch.Tensor, position: torch.Tensor,
+                         heads: int) -> torch.Tensor:
+        """qkv (B, (H + 2 KV) hd) of one new token per row, rope cos / signed sin (B, hd), `cache_table` (2, layers)
+        int64 the addresses of the layers' key / value caches (B, KV, L, hd), shaped and strided as `cache_like`,
         valid (B, L) nonzero = attend (this token's column included), position (1,) -> attention out (B, H hd);
-        the rotated key and the value are written at column `position` of the caches."""
+        the rotated key and the value are written at column `position` of layer `layer`'s caches."""
         B = qkv.shape[0]
-        kv_heads, cache_len, head_dim = k_cache.shape[1:]
+        kv_heads, cache_len, head_dim = cache_like.shape[1:]
+        if cache_like.dtype != qkv.dtype or cache_table.dtype != torch.int64 or cache_like.stride(3) != 1:
+            raise GenerationError("decode_attention needs caches in qkv's dtype with contiguous rows, and an int64 "
+                                  "address table")
         out = qkv.new_empty(B, heads * head_dim)
         grid = (B, heads)
         torch.library.wrap_triton(_decode_attention_kernel)[grid](
-            qkv, cos, sin, k_cache, v_cache, valid, position, out,
-            qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), valid.stride(0),
-            out.stride(0), SCALE=head_dim**-0.5, CACHE_LEN=cache_len, HEADS=heads, KV_HEADS=kv_heads,
-            HEAD_DIM=head_dim, BLOCK=min(BLOCK_L, triton.next_power_of_2(cache_len)),
+            qkv, cos, sin, cache_table, layer, cache_table.shape[1], valid, position, out,
+            qkv.stride(0), cos.stride(0), cache_like.stride(0), cache_like.stride(1), cache_like.stride(2),
+            valid.stride(0), out.stride(0), SCALE=head_dim**-0.5, CACHE_LEN=cache_len, HEADS=heads,
+            KV_HEADS=kv_heads, HEAD_DIM=head_dim, BLOCK=min(BLOCK_L, triton.next_power_of_2(cache_len)),
         )
         return out

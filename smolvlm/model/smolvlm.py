@@ -91,6 +91,15 @@ class SmolVLM(nn.Module):
             patch_mask = patch_mask_from_pixels(pixel_mask[real].bool(), self.config.vision.patch_size)
         return self.connector(self.vision_model(tiles, patch_mask))  # (n_real, tokens_per_tile, D)
 
+    def check_image_tokens(self, n_tokens: int, n_features: int) -> None:
+        """PromptError unless the prompt's `<image>` tokens and the images' feature vectors are as many."""
+        if n_tokens != n_features:
+            raise PromptError(
+                f"input_ids hold {n_tokens} image tokens (id {self.config.image_token_id}) but the images give "
+                f"{n_features} feature vectors ({self.config.tokens_per_tile} per tile); expand each image "
+                "marker into one token run per tile, as the processor does"
+            )
+
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings (B, T, D) with image features written over the `<image>` positions, in order."""
         embeds = self.text_model.embed_tokens(input_ids)  # (B, T, D)
@@ -98,13 +107,7 @@ class SmolVLM(nn.Module):
             return embeds
         is_image = input_ids == self.config.image_token_id  # (B, T)
         features = image_features.reshape(-1, embeds.shape[-1])  # (n_tiles * tokens_per_tile, D)
-        n_tokens = int(is_image.sum())
-        if n_tokens != features.shape[0]:
-            raise PromptError(
-                f"input_ids hold {n_tokens} image tokens (id {self.config.image_token_id}) but the images give "
-                f"{features.shape[0]} feature vectors ({self.config.tokens_per_tile} per tile); expand each image "
-                "marker into one token run per tile, as the processor does"
-            )
+        self.check_image_tokens(int(is_image.sum()), features.shape[0])
         embeds = embeds.clone()
         embeds[is_image] = features.to(embeds.dtype)
         return embeds

@@ -193,9 +193,12 @@ class Attention(FusableProjections):
         else:  # LoRA-wrapped projections must each see the input
             qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
         cos, sin = rope  # (B, 1, 1, hd) each
+        if cache.pointers is None:
+            raise GenerationError("the fused decode attention reads the cache through its address table: "
+                                  "call cache.bind_pointers() after allocating or reordering the cache")
         return torch.ops.smolvlm.decode_attention(
-            qkv.view(B, -1), cos.reshape(B, -1), sin.reshape(B, -1), cache.keys[self.layer_idx],
-            cache.values[self.layer_idx], valid, cache_position, self.num_heads)
+            qkv.view(B, -1), cos.reshape(B, -1), sin.reshape(B, -1), cache.keys[self.layer_idx], cache.pointers,
+            self.layer_idx, valid, cache_position, self.num_heads)
 
 
 class MLP(FusableProjections):
