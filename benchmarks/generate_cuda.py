@@ -10,9 +10,10 @@ implementation, each in its own process (its own peak-memory counter and compile
   transformers-compiled  generate() with its static cache + torch.compile (mode "default": its CUDA-graph mode,
                          "reduce-overhead", fails for SmolVLM)
 Decode tokens/s count the tokens after the first new one (prefill excluded) at batch 1 and 32; prefill is one tile at
-batch 1 (best of 3); peak memory is torch.cuda.max_memory_allocated over one measured generation. The device-to-
-device copy bandwidth measured in the same run gives the batch-1 roofline: bandwidth / bytes of the decoder and LM
-head weights, which every decode step must read once.
+batch 1 (best of 3; ours includes making the request's decode slot, a graph capture); peak memory is
+torch.cuda.max_memory_allocated over one measured generation (and, for the allocator's cache, max_memory_reserved
+after emptying it). The device-to-device copy bandwidth measured in the same run gives the batch-1 roofline:
+bandwidth / bytes of the decoder and LM head weights, which every decode step must read once.
 
     python benchmarks/generate.py --device cuda                          # all shapes, JSON in benchmarks/results/
     python benchmarks/generate.py --device cuda --shapes 256M --no-compiled
@@ -64,11 +65,12 @@ def step_profile(engine, prompt: dict, new_tokens: int, replays: int = 50) -> di
     """GPU time of one captured decode step (CUDA events over graph replays) and the kernels it launches."""
     from torch.profiler import ProfilerActivity, profile
 
-    with torch.inference_mode():  # the slots' buffers are inference tensors
+    # On the engine's stream, as its requests run: a stream of its own would get cuBLAS workspaces of its own.
+    with torch.inference_mode(), torch.cuda.stream(engine._cuda_stream):  # the slots' buffers are inference tensors
         session, _ = engine._graphs.session(prompt["attention_mask"].cuda(), new_tokens)
     slot = session.slot
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.cuda.stream(engine._cuda_stream):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             for _ in range(replays):  # each replay advances the positions: replays < the cache's free columns
@@ -158,15 +160,17 @@ def worker(impl: str, directory: Path, new_tokens: int, batches: list[int]) -> d
             run(prompt, warmup_tokens)
             out[f"warmup_b{batch}_seconds"] = time.perf_counter() - start
         torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # reserved-memory peaks then count only what this generation asked the driver for
         torch.cuda.reset_peak_memory_stats()
         out[f"decode_b{batch}_tok_s"] = run(prompt, new_tokens)[1]
         out[f"peak_mem_b{batch}_mib"] = torch.cuda.max_memory_allocated() / 2**20
-        if impl.startswith("ours"):
-            try:  # diagnostics only: never lose the measurements above to them
-                for key, value in step_profile(run.engine, prompt, new_tokens).items():
-                    out[f"{key}_b{batch}"] = value
-            except Exception as e:  # noqa: BLE001
-                out[f"profile_error_b{batch}"] = repr(e)
+        out[f"peak_reserved_b{batch}_mib"] = torch.cuda.max_memory_reserved() / 2**20
+    for batch in batches if impl.startswith("ours") else []:  # after every peak: profiling allocates too
+        try:  # diagnostics only: never lose the measurements above to them
+            for key, value in step_profile(run.engine, make_prompt(config, 1, batch), new_tokens).items():
+                out[f"{key}_b{batch}"] = value
+        except Exception as e:  # noqa: BLE001
+            out[f"profile_error_b{batch}"] = repr(e)
     return out
 
 
@@ -183,7 +187,7 @@ def summarize(report: dict) -> list[str]:
             for key in [k for k in f if k.startswith("decode_b")]:
                 ratios[key.replace("_tok_s", "_speedup")] = f[key] / ref[key]
             ratios["prefill_1_tile_speedup"] = ref["prefill_1_tile_s"] / f["prefill_1_tile_s"]
-            for key in [k for k in f if k.startswith("peak_mem_")]:
+            for key in [k for k in f if k.startswith(("peak_mem_", "peak_reserved_"))]:
                 ratios[key.replace("_mib", "_ratio")] = f[key] / ref[key]
             figures[f"ratios-{impl}"] = ratios
             lines.append(f"{shape:5} {impl:22} " + "  ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
@@ -226,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="shapes that also run ours with the fused decode kernel (graphs, and compiled where "
                              "--compiled-shapes has the shape)")
     parser.add_argument("--no-compiled", action="store_true", help="skip both compiled variants")
+    parser.add_argument("--impls", nargs="+", choices=IMPLS, help="run only these implementations (of those the "
+                        "other options select)")
     parser.add_argument("--worker-timeout", type=int, default=240)
     parser.add_argument("--out", type=Path, default=RESULTS / "generate-cuda.json")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -258,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = [(shape, impl) for shape in args.shapes for impl in impls(shape)]
     if not args.no_compiled:
         plan += [(shape, "transformers-compiled") for shape in args.shapes if shape in args.peer_compiled_shapes]
+    if args.impls:
+        plan = [(shape, impl) for shape, impl in plan if impl in args.impls]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for shape, impl in plan:
