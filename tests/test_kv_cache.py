@@ -66,11 +66,14 @@ def test_row_views_and_the_address_table():
         cache.rows(3, 5)
     table = torch.full((2, 3), -1, dtype=torch.int64)
     assert cache.bind_pointers(table) is table and cache.pointers is table
-    assert table.tolist() == [[k.data_ptr() for k in cache.keys], [v.data_ptr() for v in cache.values]]
+    assert (table * 16).tolist() == [[k.data_ptr() for k in cache.keys], [v.data_ptr() for v in cache.values]]
     assert len({k.untyped_storage().data_ptr() for k in cache.keys + cache.values}) == 1  # one allocation
     cache.select([0, 2])  # new buffers: the table no longer describes them
     assert cache.pointers is None
-    assert cache.bind_pointers()[0, 1].item() == cache.keys[1].data_ptr()
+    assert cache.bind_pointers()[0, 1].item() * 16 == cache.keys[1].data_ptr()
+    cache.keys[0] = torch.zeros(2 * 2 * 5 * 4 + 1)[1:].view(2, 2, 5, 4)  # starts 4 bytes into its storage
+    with pytest.raises(GenerationError, match="16-byte"):
+        cache.bind_pointers()
 
 
 def test_decode_step_by_step_equals_full_forward(lm):

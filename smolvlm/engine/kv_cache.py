@@ -65,14 +65,19 @@ class KVCache:
         return self.keys[0].shape[0]
 
     def bind_pointers(self, table: torch.Tensor | None = None) -> torch.Tensor:
-        """Write the address of every layer's key and value buffer into `table` ((2, layers) int64 on the cache's
-        device; a new one if None), keep it as `pointers` and return it. A kernel that reaches the cache through
-        this table leaves no buffer address in a CUDA graph, so the graph replays over any cache bound to it."""
-        addresses = torch.tensor([[k.data_ptr() for k in self.keys], [v.data_ptr() for v in self.values]])
+        """Write where every layer's key and value buffer starts into `table` ((2, layers) int64 on the cache's
+        device, a new one if None), keep it as `pointers` and return it. A kernel that reaches the cache through
+        this table leaves no buffer address in a CUDA graph, so the graph replays over any cache bound to it.
+        The table holds addresses in 16-byte units: multiplied back in the kernel, they tell the compiler the
+        buffers are 16-byte aligned, so that it loads them in vectors."""
+        addresses = [[k.data_ptr() for k in self.keys], [v.data_ptr() for v in self.values]]
+        if any(a % 16 for row in addresses for a in row):
+            raise GenerationError("KV cache buffers must start at 16-byte aligned addresses for the address table")
+        units = torch.tensor(addresses) // 16
         if table is None:
-            table = addresses.to(self.keys[0].device)
+            table = units.to(self.keys[0].device)
         else:
-            table.copy_(addresses)
+            table.copy_(units)
         self.pointers = table
         return table
 

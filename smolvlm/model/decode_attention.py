@@ -72,8 +72,9 @@ if available():
         k_at = base + (HEADS + kv_head) * HEAD_DIM
         v_at = base + (HEADS + KV_HEADS + kv_head) * HEAD_DIM
         out_dtype = qkv_ptr.dtype.element_ty  # the cache's dtype too (the op checks)
-        k_cache_ptr = tl.load(cache_table_ptr + layer).to(tl.pointer_type(out_dtype))
-        v_cache_ptr = tl.load(cache_table_ptr + num_layers + layer).to(tl.pointer_type(out_dtype))
+        # the table holds addresses in 16-byte units: x16 tells the compiler they are aligned (vector loads)
+        k_cache_ptr = (tl.load(cache_table_ptr + layer) * 16).to(tl.pointer_type(out_dtype))
+        v_cache_ptr = (tl.load(cache_table_ptr + num_layers + layer) * 16).to(tl.pointer_type(out_dtype))
         query = tl.load(q_at + dims).to(tl.float32) * cos + tl.load(q_at + partner).to(tl.float32) * ssin
         query = query.to(out_dtype).to(tl.float32) * SCALE  # rounded as the unfused rope's output is
         new_k = tl.load(k_at + dims).to(tl.float32) * cos + tl.load(k_at + partner).to(tl.float32) * ssin
@@ -117,7 +118,8 @@ if available():
                          cache_table: torch.Tensor, layer: int, valid: torch.Tensor, position: torch.Tensor,
                          heads: int) -> torch.Tensor:
         """qkv (B, (H + 2 KV) hd) of one new token per row, rope cos / signed sin (B, hd), `cache_table` (2, layers)
-        int64 the addresses of the layers' key / value caches (B, KV, L, hd), shaped and strided as `cache_like`,
+        int64 the addresses in 16-byte units (KVCache.bind_pointers) of the layers' key / value caches
+        (B, KV, L, hd), shaped and strided as `cache_like`,
         valid (B, L) nonzero = attend (this token's column included), position (1,) -> attention out (B, H hd);
         the rotated key and the value are written at column `position` of layer `layer`'s caches."""
         B = qkv.shape[0]
