@@ -8,6 +8,7 @@
 # Usage: scripts/train_demo.sh [WORK_DIR]
 #   env: SEED, STEPS1, STEPS2, BATCH1 (stage 1), BATCH (stage 2), N_TRAIN, N_EVAL, THREADS,
 #        SIGNS (how sign text is set, `data synth --signs`: proportional, as shipped, or monospace),
+#        TRAIN_TASKS (the training mix, `data synth --tasks`; both stages train on it),
 #        SHARDS (training data written by this many parallel `data synth` runs, shard k seeded SEED + 100k),
 #        DATA_WORKERS (processes building batches; a GPU needs several, the CPU recipe uses a background thread),
 #        COMPILE=1 (both stages torch.compile their layers: fewer, larger kernels for a GPU),
@@ -29,7 +30,8 @@ N_TRAIN=${N_TRAIN:-6000}
 N_EVAL=${N_EVAL:-280}
 SIGNS=${SIGNS:-proportional}
 export OMP_NUM_THREADS=${THREADS:-2}
-TRAIN_TASKS="colour=1,exists=1,count=1.5,spatial=1,ocr=1.5,grounding=0.5,chart=1.5"
+SHIPPED_TASKS="colour=1,exists=1,count=1.5,spatial=1,ocr=1.5,grounding=0.5,chart=1.5"
+TRAIN_TASKS=${TRAIN_TASKS:-$SHIPPED_TASKS}
 EVAL_TASKS="colour,exists,count,spatial,ocr,grounding,chart"
 define_stages() {  # the two stages' arguments for the current STEPS1 / STEPS2
     STAGE1=(--objective scene --vision full --connector full --lr 1e-3 --weight-decay 0.05 --warmup-steps 30 --min-lr-ratio 0.05
@@ -91,6 +93,7 @@ end=$(date +%s)
 COMMAND="SEED=$SEED STEPS1=$STEPS1 STEPS2=$STEPS2 BATCH1=$BATCH1 BATCH=$BATCH N_TRAIN=$N_TRAIN SHARDS=$SHARDS"
 COMMAND="$COMMAND DATA_WORKERS=$DATA_WORKERS${COMPILE:+ COMPILE=$COMPILE}"
 [ "$SIGNS" = proportional ] || COMMAND="$COMMAND SIGNS=$SIGNS"
+[ "$TRAIN_TASKS" = "$SHIPPED_TASKS" ] || COMMAND="$COMMAND TRAIN_TASKS=$TRAIN_TASKS"
 COMMAND="$COMMAND scripts/train_demo.sh"
 RECIPE=$(python -c 'import json, sys; print(json.dumps({"command": sys.argv[7], "train_tasks": sys.argv[1],
     "n_train": int(sys.argv[2]), "eval_tasks": sys.argv[3], "n_eval": int(sys.argv[4]),
