@@ -118,10 +118,10 @@ if available():
                          cache_table: torch.Tensor, layer: int, valid: torch.Tensor, position: torch.Tensor,
                          heads: int) -> torch.Tensor:
         """qkv (B, (H + 2 KV) hd) of one new token per row, rope cos / signed sin (B, hd), `cache_table` (2, layers)
-        int64 the addresses in 16-byte units (KVCache.bind_pointers) of the layers' key / value caches
-        (B, KV, L, hd), shaped and strided as `cache_like`,
-        valid (B, L) nonzero = attend (this token's column included), position (1,) -> attention out (B, H hd);
-        the rotated key and the value are written at column `position` of layer `layer`'s caches."""
+        int64 the addresses in 16-byte units (KVCache.bind_pointers) of the layers' key / value caches (B, KV, L,
+        hd), shaped and strided as `cache_like`, valid (B, L) nonzero = attend (this token's column included),
+        position (1,) -> attention out (B, H hd); the rotated key and the value are written at column `position`
+        of layer `layer`'s caches."""
         B = qkv.shape[0]
         kv_heads, cache_len, head_dim = cache_like.shape[1:]
         if cache_like.dtype != qkv.dtype or cache_table.dtype != torch.int64 or cache_like.stride(3) != 1:
