@@ -114,6 +114,8 @@ def test_scene_stage_errors(tmp_path, capsys):
     plain.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
     assert train_main([*common, "--vision", "full", "--data", str(plain)]) == 2
     assert "meta.images" in capsys.readouterr().err
+    assert train_main([*common, "--vision", "full", "--data", str(data), "--save-every", "1"]) == 2
+    assert "writes OUT/final only" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse names the choices
         train_main([*common, "--vision", "full", "--data", str(data), "--objective", "pixels"])
     assert "choose from 'lm', 'scene'" in capsys.readouterr().err

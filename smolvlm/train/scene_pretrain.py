@@ -204,9 +204,9 @@ def train_scene(config: Any) -> dict[str, Any]:
         raise ConfigError("--objective scene trains the whole vision tower: set --vision full")
     if config.connector not in ("frozen", "full"):
         raise ConfigError("--objective scene aligns the whole connector or leaves it: set --connector full or frozen")
-    if config.resume or config.fsdp or config.teacher or config.continue_adapter:
-        raise ConfigError("--objective scene is a short single-process stage: it takes no --resume, --fsdp, "
-                          "--teacher or --continue-adapter")
+    if config.resume or config.fsdp or config.teacher or config.continue_adapter or config.save_every:
+        raise ConfigError("--objective scene is a short single-process stage that writes OUT/final only: it takes "
+                          "no --resume, --save-every, --fsdp, --teacher or --continue-adapter")
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
     processor = Processor.from_pretrained(config.model)
