@@ -12,8 +12,9 @@ implementation, each in its own process (its own peak-memory counter and compile
 Decode tokens/s count the tokens after the first new one (prefill excluded) at batch 1 and 32; prefill is one tile at
 batch 1 (best of 3; ours includes allocating the request's KV cache, and in the first of the three capturing the
 new decode slot's graph); peak memory is torch.cuda.max_memory_allocated over one measured generation (and, for
-the allocator's cache, max_memory_reserved after emptying it). The device-to-device copy bandwidth measured in the same run gives the batch-1 roofline:
-bandwidth / bytes of the decoder and LM head weights, which every decode step must read once.
+the allocator's cache, max_memory_reserved after emptying it). The device-to-device copy bandwidth measured in the
+same run gives the batch-1 roofline: bandwidth / bytes of the decoder and LM head weights, which every decode step
+must read once.
 
     python benchmarks/generate.py --device cuda                          # all shapes, JSON in benchmarks/results/
     python benchmarks/generate.py --device cuda --shapes 256M --no-compiled
