@@ -170,12 +170,13 @@ def test_token_words_keep_the_first_claim_and_read_characters():
         token_words(sign, 48)
 
 
+@pytest.mark.parametrize("task", ["ocr", "text"])
 @pytest.mark.parametrize("size", [256, 128])
-def test_monospace_signs_give_every_character_a_token_of_its_own(size):
+def test_monospace_signs_give_every_character_a_token_of_its_own(size, task):
     # With proportional text two narrow letters often share a 32-px token, so the second goes unsaid; a monospaced
     # sign's cells are at least 1/8 of the picture wide, so on 8 x 8 tokens every character is said, in order.
     for seed in range(40):
-        scene = synthetic.generate_sample("ocr", random.Random(seed), size, signs="monospace")[3]["images"][0]
+        scene = synthetic.generate_sample(task, random.Random(seed), size, signs="monospace")[3]["images"][0]
         pitch = scene["sign"]["pitch"]
         assert size // 8 <= pitch <= 0.16 * size
         said = [w for w in _words(scene, size // 8) if w != " background"]

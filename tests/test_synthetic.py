@@ -247,6 +247,27 @@ def test_monospace_signs(tmp_path, capsys):
     assert all("pitch" in r["meta"]["images"][0]["sign"] for r in records)
 
 
+@pytest.mark.parametrize("signs", syn.SIGN_LAYOUTS)
+def test_text_blocks(signs, tmp_path, capsys):
+    lines_per_picture = []
+    for seed in range(20):
+        images, question, answer, meta = syn.generate_sample("text", random.Random(seed), 256, signs=signs)
+        sign = meta["images"][0]["sign"]
+        x0, y0, x1, y1 = sign["box"]
+        assert 0 <= x0 < x1 <= 256 and 0 <= y0 < y1 <= 256  # the whole block is in the picture
+        assert answer == " ".join(sign["lines"]) and set(answer) <= set(syn.TEXT_CHARACTERS + " ")
+        assert ("pitch" in sign) == (signs == "monospace")
+        assert question in ("Read the text.", "What does the text say?")
+        lines_per_picture.append(len(sign["lines"]))
+    assert sum(lines_per_picture) / len(lines_per_picture) >= 2.5  # a block, not a one-line sign
+    # outside the default mix, so the default data is what it was
+    assert "text" not in syn.parse_task_mix(None) and syn.parse_task_mix("text=2,ocr") == {"text": 2.0, "ocr": 1.0}
+    with pytest.raises(DataError, match="text"):
+        syn.parse_task_mix("novel")
+    assert syn.main(["--n", "3", "--out", str(tmp_path), "--tasks", "text", "--signs", signs, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tasks"] == {"text": 3}
+
+
 def test_demo_diagnostics_counts_characters_without_a_token():
     root = Path(__file__).resolve().parents[1]
     script = root / "scripts" / "demo_diagnostics.py"
@@ -257,3 +278,24 @@ def test_demo_diagnostics_counts_characters_without_a_token():
         figures[signs] = json.loads(out)
     assert figures["monospace"]["characters_without_a_token"] == 0.0
     assert figures["proportional"]["characters_without_a_token"] > 0.1  # narrow letters share a 32-px token
+
+
+def test_demo_diagnostics_breakdown_splits_spatial_by_axis_and_count_by_truth(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    data = tmp_path / "eval.jsonl"
+    rows = [("a", "spatial", {"axis": "horizontal"}), ("b", "spatial", {"axis": "horizontal"}),
+            ("c", "spatial", {"axis": "vertical"}), ("d", "count", {"shape": "star"}), ("e", "colour", {})]
+    data.write_text("".join(json.dumps({"id": i, "task": t, "meta": {"task": t, **m}}) + "\n" for i, t, m in rows))
+    predictions = [{"id": "a", "task": "spatial", "prediction": "left", "reference": "left", "score": 1.0},
+                   {"id": "b", "task": "spatial", "prediction": "left", "reference": "right", "score": 0.0},
+                   {"id": "c", "task": "spatial", "prediction": "above", "reference": "above", "score": 1.0},
+                   {"id": "d", "task": "count", "prediction": "2", "reference": "3", "score": 0.0},
+                   {"id": "e", "task": "colour", "prediction": "red", "reference": "red", "score": 1.0}]
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"table": {}, "skipped": 0, "predictions": predictions}))
+    out = subprocess.run([sys.executable, str(root / "scripts" / "demo_diagnostics.py"), "breakdown", "--report",
+                          str(report), "--data", str(data), "--json"], capture_output=True, text=True, check=True,
+                         cwd=root).stdout
+    assert json.loads(out) == {"count, 3": {"right": 0.0, "n": 1}, "spatial, horizontal": {"right": 0.5, "n": 2},
+                               "spatial, vertical": {"right": 1.0, "n": 1}}
+

@@ -11,7 +11,6 @@ language model ever sees its features.
 
 from __future__ import annotations
 
-import string
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -19,9 +18,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from smolvlm.errors import DataError
-from smolvlm.train.synthetic import COLOURS, SHAPES, chart_axes, chart_texts, draw_object, text_mask, text_origin
+from smolvlm.train.synthetic import (
+    COLOURS, SHAPES, TEXT_CHARACTERS as CHARACTERS, chart_axes, chart_texts, draw_object, text_mask, text_origin,
+)
 
-CHARACTERS = string.ascii_uppercase + string.digits
 # class 0 is background; then every (shape, colour), the sign plate, every character, every bar colour, the axes.
 SHAPE_CLASSES = 1
 SIGN_CLASS = SHAPE_CLASSES + len(SHAPES) * len(COLOURS)

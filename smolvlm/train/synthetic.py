@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import random
+import string
 import sys
 from functools import lru_cache
 from pathlib import Path
@@ -41,7 +42,11 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "brown": (120, 70, 30),
     "black": (25, 25, 25),
 }
-TASKS = ("caption", "count", "colour", "exists", "spatial", "ocr", "grounding", "compare", "chart")
+TASKS = ("caption", "count", "colour", "exists", "spatial", "ocr", "grounding", "compare", "chart")  # the default mix
+# Tasks outside the default mix (so the default data stays byte-identical): `text` is a block of random characters.
+EXTRA_TASKS = ("text",)
+KNOWN_TASKS = TASKS + EXTRA_TASKS
+TEXT_CHARACTERS = string.ascii_uppercase + string.digits  # what signs and text blocks are written with
 SPLITS = ("train", "eval")
 SIGN_WORDS = (
     "OPEN", "STOP", "EXIT", "CAFE", "SALE", "PARK", "BUS", "TAXI", "HOTEL", "BANK", "SHOP", "BOOK", "FOOD",
@@ -489,40 +494,60 @@ def _task_compare(rng: random.Random, size: Sequence[int]) -> TaskResult:
     return [first, second], question, "same" if change == "none" else "different", {"mode": "same", "change": change}
 
 
-def _layout_sign(rng: random.Random, size: Sequence[int], tokens: Sequence[str], signs: str = "proportional"
-                 ) -> dict[str, Any]:
-    """Wrap the tokens into lines that fit, size a sign around them and place it in the picture. Monospaced signs
-    put each character in a cell of its own, 1/8 to 0.16 of the picture wide (see SIGN_LAYOUTS)."""
-    w, h = size
-    style = rng.choice(FONT_STYLES)
-    pitch = None
+def _sign_type(rng: random.Random, width: int, signs: str) -> tuple[int | None, int]:
+    """(pitch, font size) of a sign's text: a monospaced cell 1/8 to 0.16 of the picture wide with a font as tall or
+    a quarter taller, or proportional text 0.09 to 0.14 of the picture tall (pitch None)."""
     if signs == "monospace":
-        pitch = rng.randint(-(-w // 8), int(0.16 * w))
-        font_size = rng.randint(pitch, round(1.25 * pitch))
-    else:
-        font_size = rng.randint(round(0.09 * w), round(0.14 * w))
-    while True:
-        pad, spacing = font_size // 2, font_size // 3
-        fit = 0.8 * w if pitch is None else 0.92 * w - 2 * pad  # a monospaced sign is as wide as its longest line
-        lines: list[str] = []
-        for token in tokens:  # greedy wrap
-            if lines and text_mask(f"{lines[-1]} {token}", style, font_size, pitch).width <= fit:
-                lines[-1] = f"{lines[-1]} {token}"
-            else:
-                lines.append(token)
-        masks = [text_mask(line, style, font_size, pitch) for line in lines]
-        line_h = max(m.height for m in masks)
-        sign_w = max(m.width for m in masks) + 2 * pad
-        sign_h = len(lines) * line_h + (len(lines) - 1) * spacing + 2 * pad
-        if sign_w <= 0.92 * w and sign_h <= 0.92 * h:
-            break
-        font_size = font_size * 9 // 10  # the pitch stays: five characters of it fit in 0.8 of the width
+        pitch = rng.randint(-(-width // 8), int(0.16 * width))
+        return pitch, rng.randint(pitch, round(1.25 * pitch))
+    return None, rng.randint(round(0.09 * width), round(0.14 * width))
+
+
+def _line_room(width: int, font_size: int, pitch: int | None) -> float:
+    """How wide a sign's line may be: a monospaced sign is as wide as its longest line plus padding."""
+    return 0.8 * width if pitch is None else 0.92 * width - 2 * (font_size // 2)
+
+
+def _sign_extent(lines: Sequence[str], style: str, font_size: int, pitch: int | None) -> tuple[int, int, int]:
+    """(line height, sign width, sign height) of text lines on a padded sign."""
+    pad, spacing = font_size // 2, font_size // 3
+    masks = [text_mask(line, style, font_size, pitch) for line in lines]
+    line_h = max(m.height for m in masks)
+    return line_h, max(m.width for m in masks) + 2 * pad, len(lines) * line_h + (len(lines) - 1) * spacing + 2 * pad
+
+
+def _place_sign(rng: random.Random, size: Sequence[int], lines: list[str], style: str, font_size: int,
+                pitch: int | None) -> dict[str, Any]:
+    """Put a sign holding `lines` somewhere in the picture (it must fit in 0.92 of each side) and paint it."""
+    w, h = size
+    line_h, sign_w, sign_h = _sign_extent(lines, style, font_size, pitch)
+    pad, spacing = font_size // 2, font_size // 3
     x0, y0 = rng.randint(w // 25, w - w // 25 - sign_w), rng.randint(h // 25, h - h // 25 - sign_h)
     centres = [[x0 + sign_w // 2, y0 + pad + k * (line_h + spacing) + line_h // 2] for k in range(len(lines))]
     fill, text_rgb = rng.choice(SIGN_PAINTS)
     return {"box": [x0, y0, x0 + sign_w, y0 + sign_h], "rgb": list(fill), "text_rgb": list(text_rgb),
             "border": rng.choice((0, 2, 3)), "style": style, "font_size": font_size, "lines": lines,
             "centres": centres, **({} if pitch is None else {"pitch": pitch})}
+
+
+def _layout_sign(rng: random.Random, size: Sequence[int], tokens: Sequence[str], signs: str = "proportional"
+                 ) -> dict[str, Any]:
+    """Wrap the tokens into lines that fit, size a sign around them and place it in the picture. Monospaced signs
+    put each character in a cell of its own, 1/8 to 0.16 of the picture wide (see SIGN_LAYOUTS)."""
+    w, h = size
+    style = rng.choice(FONT_STYLES)
+    pitch, font_size = _sign_type(rng, w, signs)
+    while True:
+        fit = _line_room(w, font_size, pitch)
+        lines: list[str] = []
+        for token in tokens:  # greedy wrap
+            if lines and text_mask(f"{lines[-1]} {token}", style, font_size, pitch).width <= fit:
+                lines[-1] = f"{lines[-1]} {token}"
+            else:
+                lines.append(token)
+        if _fits(lines, style, font_size, pitch, size):
+            return _place_sign(rng, size, lines, style, font_size, pitch)
+        font_size = font_size * 9 // 10  # the pitch stays: five characters of it fit in 0.8 of the width
 
 
 def _task_ocr(rng: random.Random, size: Sequence[int], signs: str = "proportional") -> TaskResult:
@@ -537,6 +562,34 @@ def _task_ocr(rng: random.Random, size: Sequence[int], signs: str = "proportiona
     question = rng.choice(("What does the sign say?", "Read the text on the sign."))
     text = " ".join(tokens)
     return [scene], question, text, {"text": text}
+
+
+def _task_text(rng: random.Random, size: Sequence[int], signs: str = "proportional") -> TaskResult:
+    """Read a block of random characters: no word to guess from, and about twice a sign's characters a picture."""
+    w, h = size
+    style = rng.choice(FONT_STYLES)
+    pitch, font_size = _sign_type(rng, w, signs)
+    fit, spacing = _line_room(w, font_size, pitch), font_size // 3
+    widest = 1  # characters a line holds, judged by the widest letter
+    while text_mask("W" * (widest + 1), style, font_size, pitch).width <= fit:
+        widest += 1
+    line_h = text_mask(TEXT_CHARACTERS, style, font_size).height
+    most = max(1, int((0.92 * h - 2 * (font_size // 2) + spacing) // (line_h + spacing)))
+    lines = ["".join(rng.choice(TEXT_CHARACTERS) for _ in range(rng.randint(max(1, widest - 2), widest)))
+             for _ in range(rng.randint(max(1, most - 1), most))]
+    while len(lines) > 1 and not _fits(lines, style, font_size, pitch, size):
+        lines.pop()
+    scene = {"kind": "sign", "size": list(size), "background": _background(rng),
+             "sign": _place_sign(rng, size, lines, style, font_size, pitch)}
+    question = rng.choice(("Read the text.", "What does the text say?"))
+    text = " ".join(lines)
+    return [scene], question, text, {"text": text}
+
+
+def _fits(lines: Sequence[str], style: str, font_size: int, pitch: int | None, size: Sequence[int]) -> bool:
+    """Whether a sign holding `lines` fits in 0.92 of the picture's width and height."""
+    _, sign_w, sign_h = _sign_extent(lines, style, font_size, pitch)
+    return sign_w <= 0.92 * size[0] and sign_h <= 0.92 * size[1]
 
 
 def _task_chart(rng: random.Random, size: Sequence[int]) -> TaskResult:
@@ -572,8 +625,10 @@ def _task_chart(rng: random.Random, size: Sequence[int]) -> TaskResult:
 
 _TASK_FNS: dict[str, Callable[[random.Random, Sequence[int]], TaskResult]] = {
     "caption": _task_caption, "count": _task_count, "colour": _task_colour, "exists": _task_exists,
-    "spatial": _task_spatial, "ocr": _task_ocr, "grounding": _task_grounding, "compare": _task_compare,
-    "chart": _task_chart,
+    "spatial": _task_spatial, "grounding": _task_grounding, "compare": _task_compare, "chart": _task_chart,
+}
+_SIGN_TASK_FNS: dict[str, Callable[[random.Random, Sequence[int], str], TaskResult]] = {
+    "ocr": _task_ocr, "text": _task_text,
 }
 
 
@@ -593,11 +648,14 @@ def _check_signs(signs: str) -> None:
 def _build(task: str, rng: random.Random, image_size: int, signs: str = "proportional"
            ) -> tuple[list[Scene], str, str, dict[str, Any]]:
     """Scenes, question, answer and metadata of one sample, without rendering."""
-    if task not in _TASK_FNS:
-        raise DataError(f"unknown synthetic task {task!r}; choose from {', '.join(TASKS)}")
+    if task not in KNOWN_TASKS:
+        raise DataError(f"unknown synthetic task {task!r}; choose from {', '.join(KNOWN_TASKS)}")
     _check_signs(signs)
     size = _check_size(image_size)
-    scenes, question, answer, query = _task_ocr(rng, size, signs) if task == "ocr" else _TASK_FNS[task](rng, size)
+    if task in _SIGN_TASK_FNS:
+        scenes, question, answer, query = _SIGN_TASK_FNS[task](rng, size, signs)
+    else:
+        scenes, question, answer, query = _TASK_FNS[task](rng, size)
     return scenes, question, answer, {"task": task, "images": scenes, **query}
 
 
@@ -646,9 +704,9 @@ def parse_task_mix(spec: str | Sequence[str] | Mapping[str, float] | None) -> di
         mix = {str(k): float(v) for k, v in spec.items()}
     else:
         mix = dict.fromkeys(spec, 1.0)
-    unknown = [t for t in mix if t not in TASKS]
+    unknown = [t for t in mix if t not in KNOWN_TASKS]
     if unknown:
-        raise DataError(f"unknown synthetic task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+        raise DataError(f"unknown synthetic task(s) {', '.join(unknown)}; choose from {', '.join(KNOWN_TASKS)}")
     if not mix or any(w < 0 for w in mix.values()) or sum(mix.values()) <= 0:
         raise DataError(f"task mix {spec!r} needs at least one task with a positive weight and none negative")
     return {t: w for t, w in mix.items() if w > 0}
@@ -711,7 +769,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="train or eval; the two never share a picture")
     parser.add_argument("--tasks", default=None,
                         help=f"comma-separated tasks with optional weights, e.g. 'count=2,ocr,chart'; "
-                             f"default: all of {','.join(TASKS)}")
+                             f"default: all of {','.join(TASKS)}; also {','.join(EXTRA_TASKS)} (a block of random "
+                             "characters to read)")
     parser.add_argument("--image-size", type=int, default=256, help="side of the square pictures in pixels")
     parser.add_argument("--signs", choices=SIGN_LAYOUTS, default="proportional",
                         help="how sign text is set: proportional, or monospace (a cell of 1/8 to 0.16 of the picture "
