@@ -7,6 +7,8 @@
     python scripts/demo_diagnostics.py oracle -m BASE --train train.jsonl --eval eval.jsonl --task ocr
         the language model's side alone: LoRA trained on exact image tokens (each the word embeddings of what its
         region shows, as `--objective scene` targets them), then held-out exact match every 50 steps
+    python scripts/demo_diagnostics.py breakdown --report report.json --data eval.jsonl
+        a `smolvlm eval --out` report split further: spatial by axis, counting by the true count
 
 `oracle` layouts add words to each shape's token: `plain` colour + shape, `col` + its column digit, `ord` + its
 ordinal among the shapes of its kind in reading order. Scripts' own figures go to stdout; `--json` for one JSON line.
@@ -192,6 +194,23 @@ def exact_match(m, collator: Collator, samples: list[tuple], oracle_tokens: Orac
     return right / len(samples)
 
 
+def breakdown(report_path: str, data_path: str) -> dict[str, dict[str, float]]:
+    """Exact match of an eval report's spatial answers per axis and counting answers per true count."""
+    report = json.loads(Path(report_path).read_text(encoding="utf-8"))
+    meta = {}
+    for line in Path(data_path).read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            record = json.loads(line)
+            meta[record["id"]] = record["meta"]
+    groups: dict[str, list[float]] = defaultdict(list)
+    for p in report["predictions"]:
+        if p["task"] == "spatial":
+            groups[f"spatial, {meta[p['id']]['axis']}"].append(p["score"])
+        elif p["task"] == "count":
+            groups[f"count, {p['reference']}"].append(p["score"])
+    return {key: {"right": sum(scores) / len(scores), "n": len(scores)} for key, scores in sorted(groups.items())}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse the subcommand and print its figures."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -213,19 +232,24 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--lr", type=float, default=5e-4)
     o.add_argument("--batch-size", type=int, default=8)
     o.add_argument("--seed", type=int, default=0)
-    for p in (c, t, o):
+    b = sub.add_parser("breakdown")
+    b.add_argument("--report", required=True, help="`smolvlm eval --out` JSON (it holds every prediction)")
+    b.add_argument("--data", required=True, help="the eval JSONL it scored (its meta names each question's axis)")
+    for p in (c, t, o, b):
         p.add_argument("--json", action="store_true", help="one JSON line instead of a table")
     args = parser.parse_args(argv)
     if args.command == "collisions":
         result = collisions(args.signs, args.n)
     elif args.command == "tokens":
         result = token_accuracy(args.model, args.data, args.limit)
+    elif args.command == "breakdown":
+        result = breakdown(args.report, args.data)
     else:
         result = oracle(args.model, args.train, args.eval, args.task, args.layout, args.steps, args.lr,
                         args.batch_size, args.seed)
     if args.json:
         print(json.dumps(result))
-    elif args.command == "tokens":
+    elif args.command in ("tokens", "breakdown"):
         for kind, row in result.items():
             print(f"{kind:<28} {100 * row['right']:5.1f}% right  (n={row['n']})")
     elif isinstance(result, dict):
