@@ -129,10 +129,11 @@ class OracleTokens:
 
 
 def oracle(model: str, train_path: str, eval_path: str, task: str, layout: str, steps: int, lr: float,
-           batch_size: int, seed: int) -> list[dict[str, float]]:
-    """Train LoRA (r 16) on exact image tokens for one task; held-out exact match every 50 steps."""
+           batch_size: int, seed: int, n_eval: int = 40, device: str = "cpu", every: int = 50
+           ) -> list[dict[str, float]]:
+    """Train LoRA (r 16) on exact image tokens for one task; held-out exact match every `every` steps."""
     torch.manual_seed(seed)
-    vlm = load(model, device="cpu", dtype=torch.float32)
+    vlm = load(model, device=device, dtype=torch.float32)
     m, processor = vlm.model, vlm.processor
     tokenizer = processor.tokenizer
     oracle_tokens = OracleTokens(m.text_model.embed_tokens.weight.detach().clone(),
@@ -145,7 +146,7 @@ def oracle(model: str, train_path: str, eval_path: str, task: str, layout: str, 
             scenes[record["id"]] = record["meta"]["images"][0]
         return [(s, scenes[s.id]) for s in load_jsonl(path) if s.task == task]
 
-    train_set, eval_set = task_samples(train_path), task_samples(eval_path)[:40]
+    train_set, eval_set = task_samples(train_path), task_samples(eval_path)[:n_eval]
     collator = Collator(processor)
     for p in m.parameters():
         p.requires_grad_(False)
@@ -156,7 +157,7 @@ def oracle(model: str, train_path: str, eval_path: str, task: str, layout: str, 
     start = time.perf_counter()
     for step in range(1, steps + 1):
         picked = order.sample(train_set, batch_size)
-        batch = collator([s for s, _ in picked])
+        batch = collator([s for s, _ in picked]).to(vlm.device)
         features = torch.stack([oracle_tokens(scene) for _, scene in picked])  # (B, T, D)
         labels = batch.labels[:, 1:]  # (B, L - 1)
         predicting = torch.zeros_like(batch.labels, dtype=torch.bool)
@@ -166,7 +167,7 @@ def oracle(model: str, train_path: str, eval_path: str, task: str, layout: str, 
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if step % 50 == 0 or step == steps:
+        if step % every == 0 or step == steps:
             exact = exact_match(m, collator, eval_set, oracle_tokens, tokenizer)
             report.append({"step": step, "loss": float(loss.detach()), "exact": exact,
                            "seconds": time.perf_counter() - start})
@@ -178,17 +179,18 @@ def oracle(model: str, train_path: str, eval_path: str, task: str, layout: str, 
 def exact_match(m, collator: Collator, samples: list[tuple], oracle_tokens: OracleTokens, tokenizer) -> float:
     """Greedy answers (no cache: they are a few tokens) against the references."""
     m.eval()
+    device = m.lm_head.weight.device
     right = 0
     for sample, scene in samples:
         messages = sample.conversation()
-        ids = collator.processor.encode_chat([messages[:1]], add_generation_prompt=True).input_ids  # (1, T)
+        ids = collator.processor.encode_chat([messages[:1]], add_generation_prompt=True).input_ids.to(device)
         wanted = tokenizer.encode(messages[1]["content"][0]["text"], add_special_tokens=False)
         features = oracle_tokens(scene)[None]  # (1, T_img, D)
         produced = []
         for _ in range(len(wanted)):
             logits = m(ids, torch.ones_like(ids), image_features=features).logits[0, -1]
             produced.append(int(logits.argmax()))
-            ids = torch.cat([ids, torch.tensor([[produced[-1]]])], dim=1)
+            ids = torch.cat([ids, ids.new_tensor([[produced[-1]]])], dim=1)
         right += produced == wanted
     m.train()
     return right / len(samples)
@@ -232,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--lr", type=float, default=5e-4)
     o.add_argument("--batch-size", type=int, default=8)
     o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--n-eval", type=int, default=40, help="held-out questions scored")
+    o.add_argument("--every", type=int, default=50, help="score every N steps")
+    o.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     b = sub.add_parser("breakdown")
     b.add_argument("--report", required=True, help="`smolvlm eval --out` JSON (it holds every prediction)")
     b.add_argument("--data", required=True, help="the eval JSONL it scored (its meta names each question's axis)")
@@ -246,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         result = breakdown(args.report, args.data)
     else:
         result = oracle(args.model, args.train, args.eval, args.task, args.layout, args.steps, args.lr,
-                        args.batch_size, args.seed)
+                        args.batch_size, args.seed, args.n_eval, args.device, args.every)
     if args.json:
         print(json.dumps(result))
     elif args.command in ("tokens", "breakdown"):
