@@ -198,12 +198,21 @@ def exact_match(m, collator: Collator, samples: list[tuple], oracle_tokens: Orac
 
 def breakdown(report_path: str, data_path: str) -> dict[str, dict[str, float]]:
     """Exact match of an eval report's spatial answers per axis and counting answers per true count."""
-    report = json.loads(Path(report_path).read_text(encoding="utf-8"))
+    try:
+        report = json.loads(Path(report_path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"{report_path}: not a readable JSON report ({e}); write it with `smolvlm eval ... --out`")
     meta = {}
     for line in Path(data_path).read_text(encoding="utf-8").splitlines():
         if line.strip():
             record = json.loads(line)
             meta[record["id"]] = record["meta"]
+    if not isinstance(report, dict) or "predictions" not in report:
+        raise SystemExit(f"{report_path}: no predictions; write the report with `smolvlm eval ... --out`")
+    missing = [p["id"] for p in report["predictions"] if p["task"] in ("spatial", "count") and p["id"] not in meta]
+    if missing:
+        raise SystemExit(f"{report_path}: {len(missing)} predictions (e.g. {missing[0]}) are not in {data_path}; "
+                         "pass the eval JSONL that the report scored")
     groups: dict[str, list[float]] = defaultdict(list)
     for p in report["predictions"]:
         if p["task"] == "spatial":
