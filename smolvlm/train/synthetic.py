@@ -503,25 +503,39 @@ def _sign_type(rng: random.Random, width: int, signs: str) -> tuple[int | None, 
     return None, rng.randint(round(0.09 * width), round(0.14 * width))
 
 
+def _sign_spacing(font_size: int) -> tuple[int, int]:
+    """(padding around the text, spacing between lines) of a sign."""
+    return font_size // 2, font_size // 3
+
+
 def _line_room(width: int, font_size: int, pitch: int | None) -> float:
     """How wide a sign's line may be: a monospaced sign is as wide as its longest line plus padding."""
-    return 0.8 * width if pitch is None else 0.92 * width - 2 * (font_size // 2)
+    return 0.8 * width if pitch is None else 0.92 * width - 2 * _sign_spacing(font_size)[0]
 
 
-def _sign_extent(lines: Sequence[str], style: str, font_size: int, pitch: int | None) -> tuple[int, int, int]:
-    """(line height, sign width, sign height) of text lines on a padded sign."""
-    pad, spacing = font_size // 2, font_size // 3
+SignExtent = tuple[int, int, int]  # (line height, sign width, sign height) in pixels
+
+
+def _sign_extent(lines: Sequence[str], style: str, font_size: int, pitch: int | None) -> SignExtent:
+    """How tall a line is and how large the padded sign holding `lines` is."""
+    pad, spacing = _sign_spacing(font_size)
     masks = [text_mask(line, style, font_size, pitch) for line in lines]
     line_h = max(m.height for m in masks)
     return line_h, max(m.width for m in masks) + 2 * pad, len(lines) * line_h + (len(lines) - 1) * spacing + 2 * pad
 
 
+def _fits(extent: SignExtent, size: Sequence[int]) -> bool:
+    """Whether a sign of this extent fits in 0.92 of the picture's width and height."""
+    _, sign_w, sign_h = extent
+    return sign_w <= 0.92 * size[0] and sign_h <= 0.92 * size[1]
+
+
 def _place_sign(rng: random.Random, size: Sequence[int], lines: list[str], style: str, font_size: int,
-                pitch: int | None) -> dict[str, Any]:
-    """Put a sign holding `lines` somewhere in the picture (it must fit in 0.92 of each side) and paint it."""
+                pitch: int | None, extent: SignExtent) -> dict[str, Any]:
+    """Put a sign holding `lines` (of `extent`, which must fit) somewhere in the picture and paint it."""
     w, h = size
-    line_h, sign_w, sign_h = _sign_extent(lines, style, font_size, pitch)
-    pad, spacing = font_size // 2, font_size // 3
+    line_h, sign_w, sign_h = extent
+    pad, spacing = _sign_spacing(font_size)
     x0, y0 = rng.randint(w // 25, w - w // 25 - sign_w), rng.randint(h // 25, h - h // 25 - sign_h)
     centres = [[x0 + sign_w // 2, y0 + pad + k * (line_h + spacing) + line_h // 2] for k in range(len(lines))]
     fill, text_rgb = rng.choice(SIGN_PAINTS)
@@ -545,8 +559,9 @@ def _layout_sign(rng: random.Random, size: Sequence[int], tokens: Sequence[str],
                 lines[-1] = f"{lines[-1]} {token}"
             else:
                 lines.append(token)
-        if _fits(lines, style, font_size, pitch, size):
-            return _place_sign(rng, size, lines, style, font_size, pitch)
+        extent = _sign_extent(lines, style, font_size, pitch)
+        if _fits(extent, size):
+            return _place_sign(rng, size, lines, style, font_size, pitch, extent)
         font_size = font_size * 9 // 10  # the pitch stays: five characters of it fit in 0.8 of the width
 
 
@@ -569,27 +584,24 @@ def _task_text(rng: random.Random, size: Sequence[int], signs: str = "proportion
     w, h = size
     style = rng.choice(FONT_STYLES)
     pitch, font_size = _sign_type(rng, w, signs)
-    fit, spacing = _line_room(w, font_size, pitch), font_size // 3
+    fit = _line_room(w, font_size, pitch)
+    pad, spacing = _sign_spacing(font_size)
     widest = 1  # characters a line holds, judged by the widest letter
     while text_mask("W" * (widest + 1), style, font_size, pitch).width <= fit:
         widest += 1
     line_h = text_mask(TEXT_CHARACTERS, style, font_size).height
-    most = max(1, int((0.92 * h - 2 * (font_size // 2) + spacing) // (line_h + spacing)))
+    most = max(1, int((0.92 * h - 2 * pad + spacing) // (line_h + spacing)))
     lines = ["".join(rng.choice(TEXT_CHARACTERS) for _ in range(rng.randint(max(1, widest - 2), widest)))
              for _ in range(rng.randint(max(1, most - 1), most))]
-    while len(lines) > 1 and not _fits(lines, style, font_size, pitch, size):
+    extent = _sign_extent(lines, style, font_size, pitch)
+    while len(lines) > 1 and not _fits(extent, size):
         lines.pop()
+        extent = _sign_extent(lines, style, font_size, pitch)
     scene = {"kind": "sign", "size": list(size), "background": _background(rng),
-             "sign": _place_sign(rng, size, lines, style, font_size, pitch)}
+             "sign": _place_sign(rng, size, lines, style, font_size, pitch, extent)}
     question = rng.choice(("Read the text.", "What does the text say?"))
     text = " ".join(lines)
     return [scene], question, text, {"text": text}
-
-
-def _fits(lines: Sequence[str], style: str, font_size: int, pitch: int | None, size: Sequence[int]) -> bool:
-    """Whether a sign holding `lines` fits in 0.92 of the picture's width and height."""
-    _, sign_w, sign_h = _sign_extent(lines, style, font_size, pitch)
-    return sign_w <= 0.92 * size[0] and sign_h <= 0.92 * size[1]
 
 
 def _task_chart(rng: random.Random, size: Sequence[int]) -> TaskResult:
