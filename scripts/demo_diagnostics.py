@@ -85,6 +85,12 @@ def token_accuracy(model: str, data: str, limit: int) -> dict[str, dict[str, flo
     return {kind: {"right": r / total, "n": total} for kind, (r, total) in sorted(counts.items())}
 
 
+def metas_by_id(path: str) -> dict[str, dict]:
+    """The `meta` of every line of a synthetic JSONL, by sample id."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return {record["id"]: record["meta"] for record in map(json.loads, filter(str.strip, lines))}
+
+
 class OracleTokens:
     """Exact image tokens of a scene: the embeddings of the words its regions show, laid out as in `--objective
     scene` (a thing at the token holding its centre; characters one token each, in reading order)."""
@@ -140,11 +146,8 @@ def oracle(model: str, train_path: str, eval_path: str, task: str, layout: str, 
                                  lambda text: tokenizer.encode(text, add_special_tokens=False), layout)
 
     def task_samples(path: str) -> list[tuple]:
-        scenes = {}
-        for line in Path(path).read_text(encoding="utf-8").splitlines():
-            record = json.loads(line)
-            scenes[record["id"]] = record["meta"]["images"][0]
-        return [(s, scenes[s.id]) for s in load_jsonl(path) if s.task == task]
+        metas = metas_by_id(path)
+        return [(s, metas[s.id]["images"][0]) for s in load_jsonl(path) if s.task == task]
 
     train_set, eval_set = task_samples(train_path), task_samples(eval_path)[:n_eval]
     collator = Collator(processor)
@@ -202,11 +205,7 @@ def breakdown(report_path: str, data_path: str) -> dict[str, dict[str, float]]:
         report = json.loads(Path(report_path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise SystemExit(f"{report_path}: not a readable JSON report ({e}); write it with `smolvlm eval ... --out`")
-    meta = {}
-    for line in Path(data_path).read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            record = json.loads(line)
-            meta[record["id"]] = record["meta"]
+    meta = metas_by_id(data_path)
     if not isinstance(report, dict) or "predictions" not in report:
         raise SystemExit(f"{report_path}: no predictions; write the report with `smolvlm eval ... --out`")
     missing = [p["id"] for p in report["predictions"] if p["task"] in ("spatial", "count") and p["id"] not in meta]
