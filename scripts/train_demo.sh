@@ -4,11 +4,14 @@
 #   -> stage 1 `smolvlm train --objective scene`: the vision tower learns what is where from the scenes' own labels,
 #      the connector learns to turn each region into the word embeddings of what it shows
 #   -> stage 2 `smolvlm train` on the answers: LoRA on the language model, the connector at a low rate
+#   -> stage 3 (STEPS3 > 0): stage 2's adapter trained on, on a mix that weighs the weak tasks up (TASKS3)
 #   -> export (vision/connector, LoRA) -> `smolvlm eval` of the demo as users get it -> manifest.
 # Usage: scripts/train_demo.sh [WORK_DIR]
 #   env: SEED, STEPS1, STEPS2, BATCH1 (stage 1), BATCH (stage 2), N_TRAIN, N_EVAL, THREADS,
 #        SIGNS (how sign text is set, `data synth --signs`: proportional, as shipped, or monospace),
 #        TRAIN_TASKS (the training mix, `data synth --tasks`; both stages train on it),
+#        STEPS3, BATCH3, N_TRAIN3, TASKS3 (stage 3: steps (0: none), batch, samples and mix of its own data, seeded
+#        SEED + 61),
 #        SHARDS (training data written by this many parallel `data synth` runs, shard k seeded SEED + 100k),
 #        DATA_WORKERS (processes building batches; a GPU needs several, the CPU recipe uses a background thread),
 #        COMPILE=1 (both stages torch.compile their layers: fewer, larger kernels for a GPU),
@@ -33,7 +36,12 @@ export OMP_NUM_THREADS=${THREADS:-2}
 SHIPPED_TASKS="colour=1,exists=1,count=1.5,spatial=1,ocr=1.5,grounding=0.5,chart=1.5"
 TRAIN_TASKS=${TRAIN_TASKS:-$SHIPPED_TASKS}
 EVAL_TASKS="colour,exists,count,spatial,ocr,grounding,chart"
-define_stages() {  # the two stages' arguments for the current STEPS1 / STEPS2
+STEPS3=${STEPS3:-0}
+BATCH3=${BATCH3:-8}
+N_TRAIN3=${N_TRAIN3:-4000}
+FOCUS_TASKS="colour=1.5,exists=1.5,count=3,spatial=4,chart=1,ocr=0.5,grounding=0.5"
+TASKS3=${TASKS3:-$FOCUS_TASKS}
+define_stages() {  # the stages' arguments for the current STEPS1 / STEPS2 / STEPS3
     STAGE1=(--objective scene --vision full --connector full --lr 1e-3 --weight-decay 0.05 --warmup-steps 30 --min-lr-ratio 0.05
             --batch-size "$BATCH1" --max-steps "$STEPS1" --eval-data "$WORK/data/eval.jsonl" --eval-batch-size 32
             --seed "$SEED" --log-every 10 --data-workers "$DATA_WORKERS" ${COMPILE:+--compile})
@@ -41,6 +49,9 @@ define_stages() {  # the two stages' arguments for the current STEPS1 / STEPS2
             --warmup-steps 20 --min-lr-ratio 0.1 --max-steps "$STEPS2" --batch-size "$BATCH"
             --seed "$SEED" --save-every 50 --keep-last 1 --log-every 1 --no-tensorboard --resume
             --data-workers "$DATA_WORKERS" ${COMPILE:+--compile})
+    STAGE3=(--vision frozen --connector full --connector-lr 5e-5 --text lora --lr 3e-4 --warmup-steps 10
+            --min-lr-ratio 0.1 --max-steps "$STEPS3" --batch-size "$BATCH3" --seed "$SEED" --save-every 50 --keep-last 1
+            --log-every 1 --no-tensorboard --resume --data-workers "$DATA_WORKERS" ${COMPILE:+--compile})
 }
 define_stages
 start=$(date +%s)
@@ -85,8 +96,16 @@ fi
 [ -f "$WORK/run/final/model.safetensors" ] || \
     smolvlm train --model "$WORK/scene/final" --data "$WORK/data/train.jsonl" --out "$WORK/run" "${STAGE2[@]}"
 
+FINAL="$WORK/run/final"
+if [ "$STEPS3" -gt 0 ]; then  # stage 2's adapter (merged into run/final) trained on: still one adapter of rank 16
+    synth "$WORK/data3" "$N_TRAIN3" "$((SEED + 61))" train "$TASKS3"
+    [ -f "$WORK/run3/final/model.safetensors" ] || smolvlm train --model "$FINAL" --continue-adapter "$FINAL" \
+        --data "$WORK/data3/train.jsonl" --out "$WORK/run3" "${STAGE3[@]}"
+    FINAL="$WORK/run3/final"
+fi
+
 # Ship the trained tensors, then score the demo exactly as users get it (assembled from the shipped files).
-python -m smolvlm.demo export --run "$WORK/run/final"
+python -m smolvlm.demo export --run "$FINAL"
 rm -rf "$WORK/cache"
 SMOLVLM_CACHE="$WORK/cache" smolvlm eval -m demo --data "$WORK/data/eval.jsonl" --out "$WORK/eval.json"
 end=$(date +%s)
@@ -94,10 +113,20 @@ COMMAND="SEED=$SEED STEPS1=$STEPS1 STEPS2=$STEPS2 BATCH1=$BATCH1 BATCH=$BATCH N_
 COMMAND="$COMMAND DATA_WORKERS=$DATA_WORKERS${COMPILE:+ COMPILE=$COMPILE}"
 [ "$SIGNS" = proportional ] || COMMAND="$COMMAND SIGNS=$SIGNS"
 [ "$TRAIN_TASKS" = "$SHIPPED_TASKS" ] || COMMAND="$COMMAND TRAIN_TASKS=$TRAIN_TASKS"
+if [ "$STEPS3" -gt 0 ]; then
+    COMMAND="$COMMAND STEPS3=$STEPS3 BATCH3=$BATCH3 N_TRAIN3=$N_TRAIN3"
+    [ "$TASKS3" = "$FOCUS_TASKS" ] || COMMAND="$COMMAND TASKS3=$TASKS3"
+fi
 COMMAND="$COMMAND scripts/train_demo.sh"
-RECIPE=$(python -c 'import json, sys; print(json.dumps({"command": sys.argv[7], "train_tasks": sys.argv[1],
+STAGE3_TEXT=""
+[ "$STEPS3" -eq 0 ] || STAGE3_TEXT="${STAGE3[*]}"
+RECIPE=$(python -c 'import json, sys; recipe = {"command": sys.argv[7], "train_tasks": sys.argv[1],
     "n_train": int(sys.argv[2]), "eval_tasks": sys.argv[3], "n_eval": int(sys.argv[4]),
-    "stage1": "smolvlm train " + sys.argv[5], "stage2": "smolvlm train " + sys.argv[6]}))' \
-    "$TRAIN_TASKS" "$N_TRAIN" "$EVAL_TASKS" "$N_EVAL" "${STAGE1[*]}" "${STAGE2[*]}" "$COMMAND")
+    "stage1": "smolvlm train " + sys.argv[5], "stage2": "smolvlm train " + sys.argv[6]}
+if sys.argv[8]:
+    recipe.update(stage3_tasks=sys.argv[9], n_train3=int(sys.argv[10]), stage3="smolvlm train " + sys.argv[8])
+print(json.dumps(recipe))' \
+    "$TRAIN_TASKS" "$N_TRAIN" "$EVAL_TASKS" "$N_EVAL" "${STAGE1[*]}" "${STAGE2[*]}" "$COMMAND" "$STAGE3_TEXT" "$TASKS3" \
+    "$N_TRAIN3")
 python -m smolvlm.demo manifest --report "$WORK/eval.json" --eval-data "$WORK/data/eval.jsonl" --recipe "$RECIPE" \
     --seed "$SEED" --wall-time "$((end - start))"
