@@ -45,13 +45,12 @@ define_stages() {  # the stages' arguments for the current STEPS1 / STEPS2 / STE
     STAGE1=(--objective scene --vision full --connector full --lr 1e-3 --weight-decay 0.05 --warmup-steps 30 --min-lr-ratio 0.05
             --batch-size "$BATCH1" --max-steps "$STEPS1" --eval-data "$WORK/data/eval.jsonl" --eval-batch-size 32
             --seed "$SEED" --log-every 10 --data-workers "$DATA_WORKERS" ${COMPILE:+--compile})
-    STAGE2=(--vision frozen --connector full --connector-lr 5e-5 --text lora --lora-r 16 --lora-alpha 32 --lr 5e-4
-            --warmup-steps 20 --min-lr-ratio 0.1 --max-steps "$STEPS2" --batch-size "$BATCH"
-            --seed "$SEED" --save-every 50 --keep-last 1 --log-every 1 --no-tensorboard --resume
-            --data-workers "$DATA_WORKERS" ${COMPILE:+--compile})
-    STAGE3=(--vision frozen --connector full --connector-lr 5e-5 --text lora --lr 3e-4 --warmup-steps 10
-            --min-lr-ratio 0.1 --max-steps "$STEPS3" --batch-size "$BATCH3" --seed "$SEED" --save-every 50 --keep-last 1
-            --log-every 1 --no-tensorboard --resume --data-workers "$DATA_WORKERS" ${COMPILE:+--compile})
+    local answers=(--vision frozen --connector full --connector-lr 5e-5 --text lora --min-lr-ratio 0.1 --seed "$SEED"
+                   --save-every 50 --keep-last 1 --log-every 1 --no-tensorboard --resume
+                   --data-workers "$DATA_WORKERS" ${COMPILE:+--compile})  # what stages 2 and 3 share
+    STAGE2=("${answers[@]}" --lora-r 16 --lora-alpha 32 --lr 5e-4 --warmup-steps 20 --max-steps "$STEPS2"
+            --batch-size "$BATCH")
+    STAGE3=("${answers[@]}" --lr 3e-4 --warmup-steps 10 --max-steps "$STEPS3" --batch-size "$BATCH3")
 }
 define_stages
 start=$(date +%s)
@@ -113,20 +112,20 @@ COMMAND="SEED=$SEED STEPS1=$STEPS1 STEPS2=$STEPS2 BATCH1=$BATCH1 BATCH=$BATCH N_
 COMMAND="$COMMAND DATA_WORKERS=$DATA_WORKERS${COMPILE:+ COMPILE=$COMPILE}"
 [ "$SIGNS" = proportional ] || COMMAND="$COMMAND SIGNS=$SIGNS"
 [ "$TRAIN_TASKS" = "$SHIPPED_TASKS" ] || COMMAND="$COMMAND TRAIN_TASKS=$TRAIN_TASKS"
+STAGE3_TEXT=""  # the recipe names stage 3 only when it ran
 if [ "$STEPS3" -gt 0 ]; then
     COMMAND="$COMMAND STEPS3=$STEPS3 BATCH3=$BATCH3 N_TRAIN3=$N_TRAIN3"
     [ "$TASKS3" = "$FOCUS_TASKS" ] || COMMAND="$COMMAND TASKS3=$TASKS3"
+    STAGE3_TEXT="${STAGE3[*]}"
 fi
 COMMAND="$COMMAND scripts/train_demo.sh"
-STAGE3_TEXT=""
-[ "$STEPS3" -eq 0 ] || STAGE3_TEXT="${STAGE3[*]}"
 RECIPE=$(python -c 'import json, sys; recipe = {"command": sys.argv[7], "train_tasks": sys.argv[1],
     "n_train": int(sys.argv[2]), "eval_tasks": sys.argv[3], "n_eval": int(sys.argv[4]),
     "stage1": "smolvlm train " + sys.argv[5], "stage2": "smolvlm train " + sys.argv[6]}
 if sys.argv[8]:
     recipe.update(stage3_tasks=sys.argv[9], n_train3=int(sys.argv[10]), stage3="smolvlm train " + sys.argv[8])
 print(json.dumps(recipe))' \
-    "$TRAIN_TASKS" "$N_TRAIN" "$EVAL_TASKS" "$N_EVAL" "${STAGE1[*]}" "${STAGE2[*]}" "$COMMAND" "$STAGE3_TEXT" "$TASKS3" \
-    "$N_TRAIN3")
+    "$TRAIN_TASKS" "$N_TRAIN" "$EVAL_TASKS" "$N_EVAL" "${STAGE1[*]}" "${STAGE2[*]}" "$COMMAND" "$STAGE3_TEXT" \
+    "$TASKS3" "$N_TRAIN3")
 python -m smolvlm.demo manifest --report "$WORK/eval.json" --eval-data "$WORK/data/eval.jsonl" --recipe "$RECIPE" \
     --seed "$SEED" --wall-time "$((end - start))"
