@@ -4,6 +4,8 @@
         characters of synthetic signs that get no image token of their own (32-px tokens, 256-px pictures)
     python scripts/demo_diagnostics.py tokens -m demo --data eval.jsonl
         share of a checkpoint's image tokens whose nearest words are their stage-1 words, per kind of thing
+    python scripts/demo_diagnostics.py count-tokens -m demo --data eval.jsonl
+        the counting questions answered from the image tokens alone (how many tokens name the asked shape)
     python scripts/demo_diagnostics.py oracle -m BASE --train train.jsonl --eval eval.jsonl --task ocr
         the language model's side alone: LoRA trained on exact image tokens (each the word embeddings of what its
         region shows, as `--objective scene` targets them), then held-out exact match every 50 steps
@@ -22,6 +24,7 @@ import random
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -54,16 +57,12 @@ def collisions(signs: str, n: int) -> dict[str, float]:
     return {"signs": n, "characters_without_a_token": lost / total, "signs_unreadable": unreadable / n}
 
 
-def token_accuracy(model: str, data: str, limit: int) -> dict[str, dict[str, float]]:
-    """Per kind (background, shape, bar, chart character, sign character by font): how often a token's nearest
-    words are exactly its stage-1 words."""
+def token_top2(model: str, scenes: list[dict]) -> Iterator[tuple[dict, torch.Tensor, torch.Tensor]]:
+    """Each scene with its image tokens' two nearest words (T, 2) and the words stage 1 taught them (T, 2)."""
     vlm = load(model, device="cpu", dtype=torch.float32)
     m = vlm.model
-    scenes = load_scenes(data)[:limit]
     make_batch = SceneBatches(vlm.processor, m.config.vision.patch_size, m.config.scale_factor)
     table = word_embeddings(m, vlm.processor).float()  # (W, D)
-    names = token_word_list()
-    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     with torch.no_grad():
         for i in range(0, len(scenes), 25):
             chunk = scenes[i : i + 25]
@@ -71,18 +70,44 @@ def token_accuracy(model: str, data: str, limit: int) -> dict[str, dict[str, flo
             tokens = m.connector(m.vision_model(batch["pixel_values"])).float()  # (N, T, D)
             top2 = (tokens @ table.T).topk(2, dim=-1).indices  # (N, T, 2)
             for n, scene in enumerate(chunk):
-                for t, (first, second) in enumerate(batch["words"][n].tolist()):
-                    if first == 0:
-                        kind, right = "background", top2[n, t, 0] == 0
-                    elif second == NO_WORD:
-                        kind = "character, " + (f"sign {scene['sign']['style']}" if "sign" in scene else "chart")
-                        right = top2[n, t, 0] == first
-                    else:
-                        kind = "bar" if names[second] == " bar" else "shape"
-                        right = set(top2[n, t].tolist()) == {first, second}
-                    counts[kind][0] += int(right)
-                    counts[kind][1] += 1
+                yield scene, top2[n], batch["words"][n]
+
+
+def token_accuracy(model: str, data: str, limit: int) -> dict[str, dict[str, float]]:
+    """Per kind (background, shape, bar, chart character, sign character by font): how often a token's nearest
+    words are exactly its stage-1 words."""
+    names = token_word_list()
+    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for scene, top2, words in token_top2(model, load_scenes(data)[:limit]):
+        for t, (first, second) in enumerate(words.tolist()):
+            if first == 0:
+                kind, right = "background", top2[t, 0] == 0
+            elif second == NO_WORD:
+                kind = "character, " + (f"sign {scene['sign']['style']}" if "sign" in scene else "chart")
+                right = top2[t, 0] == first
+            else:
+                kind = "bar" if names[second] == " bar" else "shape"
+                right = set(top2[t].tolist()) == {first, second}
+            counts[kind][0] += int(right)
+            counts[kind][1] += 1
     return {kind: {"right": r / total, "n": total} for kind, (r, total) in sorted(counts.items())}
+
+
+def count_from_tokens(model: str, data: str) -> dict[str, float]:
+    """The counting questions of a synthetic JSONL answered from the image tokens alone: the count is the tokens
+    whose nearest word is not " background" and whose two nearest words name the asked shape."""
+    metas = [meta for meta in metas_by_id(data).values() if meta.get("task") == "count"]
+    if not metas:
+        raise SystemExit(f"{data}: no counting questions; write some with `smolvlm data synth --tasks count`")
+    names = token_word_list()
+    errors = []
+    for meta, (scene, top2, _) in zip(metas, token_top2(model, [meta["images"][0] for meta in metas])):
+        shape = names.index(f" {meta['shape']}")
+        said = sum(int(t[0] != 0 and shape in t) for t in top2.tolist())
+        errors.append(said - sum(o["shape"] == meta["shape"] for o in scene["objects"]))
+    n = len(errors)
+    return {"right": errors.count(0) / n, "too many": sum(e > 0 for e in errors) / n,
+            "too few": sum(e < 0 for e in errors) / n, "n": n}
 
 
 def metas_by_id(path: str) -> dict[str, dict]:
@@ -232,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("-m", "--model", default="demo")
     t.add_argument("--data", required=True, help="synthetic JSONL (its scenes are scored)")
     t.add_argument("--limit", type=int, default=280)
+    k = sub.add_parser("count-tokens")
+    k.add_argument("-m", "--model", default="demo")
+    k.add_argument("--data", required=True, help="synthetic JSONL with counting questions")
     o = sub.add_parser("oracle")
     o.add_argument("-m", "--model", required=True, help="the untrained base (`python -m smolvlm.demo base`)")
     o.add_argument("--train", required=True)
@@ -248,13 +276,15 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("breakdown")
     b.add_argument("--report", required=True, help="`smolvlm eval --out` JSON (it holds every prediction)")
     b.add_argument("--data", required=True, help="the eval JSONL it scored (its meta names each question's axis)")
-    for p in (c, t, o, b):
+    for p in (c, t, k, o, b):
         p.add_argument("--json", action="store_true", help="one JSON line instead of a table")
     args = parser.parse_args(argv)
     if args.command == "collisions":
         result = collisions(args.signs, args.n)
     elif args.command == "tokens":
         result = token_accuracy(args.model, args.data, args.limit)
+    elif args.command == "count-tokens":
+        result = count_from_tokens(args.model, args.data)
     elif args.command == "breakdown":
         result = breakdown(args.report, args.data)
     else:

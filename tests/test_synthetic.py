@@ -1,6 +1,7 @@
 """Synthetic data: determinism, answers consistent with the scenes, disjoint splits, task mix and CLI."""
 
 import hashlib
+import importlib.util
 import json
 import random
 import re
@@ -10,10 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
 from smolvlm.errors import DataError
 from smolvlm.train import synthetic as syn
+from smolvlm.train.scene_labels import token_word_list
 
 SIZE = 128  # small pictures keep the suite fast; one test covers the 256 default
 
@@ -299,3 +302,28 @@ def test_demo_diagnostics_breakdown_splits_spatial_by_axis_and_count_by_truth(tm
     assert json.loads(out) == {"count, 3": {"right": 0.0, "n": 1}, "spatial, horizontal": {"right": 0.5, "n": 2},
                                "spatial, vertical": {"right": 1.0, "n": 1}}
 
+
+
+def test_demo_diagnostics_counts_from_tokens_ignore_background_tokens(tmp_path, monkeypatch):
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("demo_diagnostics", root / "scripts" / "demo_diagnostics.py")
+    diagnostics = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(diagnostics)
+    names = token_word_list()
+    circle, star, red = names.index(" circle"), names.index(" star"), names.index(" red")
+    scenes = [{"objects": [{"shape": "circle"}, {"shape": "circle"}, {"shape": "star"}]},
+              {"objects": [{"shape": "circle"}]}]
+    tokens = [[[red, circle], [circle, red], [star, red], [0, circle]],  # 2 circles; a background token leans circle
+              [[circle, red], [red, circle], [0, 0], [0, 0]]]  # 1 circle read as 2
+    data = tmp_path / "eval.jsonl"
+    data.write_text("".join(json.dumps({"id": str(i), "task": "count", "meta": {"task": "count", "shape": "circle",
+                                                                                   "images": [scene]}}) + "\n"
+                            for i, scene in enumerate(scenes)) + json.dumps({"id": "c", "meta": {"task": "colour"}}))
+
+    def fake_top2(model, given):
+        assert model == "demo" and given == scenes
+        for scene, top2 in zip(given, tokens):
+            yield scene, torch.tensor(top2), None
+
+    monkeypatch.setattr(diagnostics, "token_top2", fake_top2)
+    assert diagnostics.count_from_tokens("demo", str(data)) == {"right": 0.5, "too many": 0.5, "too few": 0.0, "n": 2}
