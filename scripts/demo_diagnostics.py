@@ -5,7 +5,8 @@
     python scripts/demo_diagnostics.py tokens -m demo --data eval.jsonl
         share of a checkpoint's image tokens whose nearest words are their stage-1 words, per kind of thing
     python scripts/demo_diagnostics.py count-tokens -m demo --data eval.jsonl
-        the counting questions answered from the image tokens alone (how many tokens name the asked shape)
+        the counting questions answered from the image tokens alone (how many tokens name the asked shape), and
+        how often a shape is named at the token holding its centre, near a token border and away from it
     python scripts/demo_diagnostics.py oracle -m BASE --train train.jsonl --eval eval.jsonl --task ocr
         the language model's side alone: LoRA trained on exact image tokens (each the word embeddings of what its
         region shows, as `--objective scene` targets them), then held-out exact match every 50 steps
@@ -95,19 +96,29 @@ def token_accuracy(model: str, data: str, limit: int) -> dict[str, dict[str, flo
 
 def count_from_tokens(model: str, data: str) -> dict[str, float]:
     """The counting questions of a synthetic JSONL answered from the image tokens alone: the count is the tokens
-    whose nearest word is not " background" and whose two nearest words name the asked shape."""
+    whose nearest word is not " background" and whose two nearest words name the asked shape. Also how often a
+    counted shape is named at the token holding its centre, by the centre's distance to the token's border."""
     metas = [meta for meta in metas_by_id(data).values() if meta.get("task") == "count"]
     if not metas:
         raise SystemExit(f"{data}: no counting questions; write some with `smolvlm data synth --tasks count`")
     names = token_word_list()
-    errors = []
+    errors, named = [], defaultdict(list)
     for meta, (scene, top2, _) in zip(metas, token_top2(model, [meta["images"][0] for meta in metas])):
         shape = names.index(f" {meta['shape']}")
-        said = sum(int(t[0] != 0 and shape in t) for t in top2.tolist())
-        errors.append(said - sum(o["shape"] == meta["shape"] for o in scene["objects"]))
+        says = [int(t[0] != 0 and shape in t) for t in top2.tolist()]  # (T,) token names the asked shape
+        counted = [o["box"] for o in scene["objects"] if o["shape"] == meta["shape"]]
+        errors.append(sum(says) - len(counted))
+        cell = scene["size"][0] / GRID
+        for x0, y0, x1, y1 in counted:
+            cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+            edge = min(cx % cell, cell - cx % cell, cy % cell, cell - cy % cell)
+            named["near" if edge < 2 else "far"].append(says[int(cy // cell) * GRID + int(cx // cell)])
     n = len(errors)
     return {"right": errors.count(0) / n, "too many": sum(e > 0 for e in errors) / n,
-            "too few": sum(e < 0 for e in errors) / n, "n": n}
+            "too few": sum(e < 0 for e in errors) / n, "n": n,
+            "named at centre, centre < 2 px from a token border": sum(named["near"]) / max(1, len(named["near"])),
+            "named at centre, centre >= 2 px from it": sum(named["far"]) / max(1, len(named["far"])),
+            "shapes < 2 px from a border": len(named["near"]) / max(1, len(named["near"]) + len(named["far"]))}
 
 
 def metas_by_id(path: str) -> dict[str, dict]:

@@ -311,10 +311,14 @@ def test_demo_diagnostics_counts_from_tokens_ignore_background_tokens(tmp_path, 
     spec.loader.exec_module(diagnostics)
     names = token_word_list()
     circle, star, red = names.index(" circle"), names.index(" star"), names.index(" red")
-    scenes = [{"objects": [{"shape": "circle"}, {"shape": "circle"}, {"shape": "star"}]},
-              {"objects": [{"shape": "circle"}]}]
+    # 256-px pictures, 32-px tokens: centres (16, 16) and (48, 16) lie in tokens 0 and 1, far from a border;
+    # (32, 15) lies on the border of tokens 0 and 1 (token 1 holds it).
+    scenes = [{"size": [256, 256], "objects": [{"shape": "circle", "box": [8, 8, 24, 24]},
+                                               {"shape": "circle", "box": [40, 8, 56, 24]},
+                                               {"shape": "star", "box": [72, 8, 88, 24]}]},
+              {"size": [256, 256], "objects": [{"shape": "circle", "box": [17, 0, 47, 30]}]}]
     tokens = [[[red, circle], [circle, red], [star, red], [0, circle]],  # 2 circles; a background token leans circle
-              [[circle, red], [red, circle], [0, 0], [0, 0]]]  # 1 circle read as 2
+              [[circle, red], [0, circle], [circle, red], [0, 0]]]  # 1 circle read as 2, neither at its centre
     data = tmp_path / "eval.jsonl"
     data.write_text("".join(json.dumps({"id": str(i), "task": "count", "meta": {"task": "count", "shape": "circle",
                                                                                    "images": [scene]}}) + "\n"
@@ -326,4 +330,7 @@ def test_demo_diagnostics_counts_from_tokens_ignore_background_tokens(tmp_path, 
             yield scene, torch.tensor(top2), None
 
     monkeypatch.setattr(diagnostics, "token_top2", fake_top2)
-    assert diagnostics.count_from_tokens("demo", str(data)) == {"right": 0.5, "too many": 0.5, "too few": 0.0, "n": 2}
+    assert diagnostics.count_from_tokens("demo", str(data)) == pytest.approx(
+        {"right": 0.5, "too many": 0.5, "too few": 0.0, "n": 2,
+         "named at centre, centre < 2 px from a token border": 0.0, "named at centre, centre >= 2 px from it": 1.0,
+         "shapes < 2 px from a border": 1 / 3})
