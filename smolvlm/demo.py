@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tokenizers import AddedToken
 from tqdm import tqdm
 
@@ -32,7 +32,7 @@ from smolvlm.model.smolvlm import SmolVLM
 from smolvlm.processing import Processor, Tokenizer
 from smolvlm.processing.image import ImageProcessorConfig
 from smolvlm.train.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, merge_lora
-from smolvlm.weights.checkpoint import save_smolvlm
+from smolvlm.weights.checkpoint import save_smolvlm, save_tensors
 from smolvlm.weights.gguf import GGUFModel, find_smollm2_gguf, read_gguf
 
 ASSETS = Path(__file__).parent / "assets" / "demo"
@@ -238,12 +238,12 @@ def export_assets(run_final: str | Path, assets: str | Path = ASSETS, adapter_ru
     trained = {k: v.half().contiguous() for k, v in state.items()
                if k.startswith(("model.vision_model.", "model.connector."))}
     assets.mkdir(parents=True, exist_ok=True)
-    save_file(trained, str(assets / TRAINED_WEIGHTS), metadata={"format": "pt"})
+    save_tensors(trained, assets / TRAINED_WEIGHTS, metadata={"format": "pt"})
     if (adapter_dir / ADAPTER_WEIGHTS).is_file():
         # Only the low-rank pairs: fully trained parts saved beside them (modules_to_save) are in TRAINED_WEIGHTS.
         adapter = {k: v.half().contiguous() for k, v in load_file(str(adapter_dir / ADAPTER_WEIGHTS)).items()
                    if ".lora_" in k}
-        save_file(adapter, str(assets / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        save_tensors(adapter, assets / ADAPTER_WEIGHTS, metadata={"format": "pt"})
         config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
         config.update(base_model_name_or_path="smolvlm-demo-base", modules_to_save=None)
         (assets / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

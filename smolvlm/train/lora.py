@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from smolvlm.errors import CheckpointError, ConfigError
-from smolvlm.weights.checkpoint import vlm_hub_key, vlm_key
+from smolvlm.weights.checkpoint import save_tensors, vlm_hub_key, vlm_key
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -147,7 +147,7 @@ def save_adapter(model: nn.Module, config: LoRAConfig, directory: str | Path, ba
     for name, tensor in model.state_dict().items():
         if name.startswith(tuple(f"{m}." for m in full_modules)):
             tensors[PEFT_PREFIX + vlm_hub_key(name)] = tensor.detach().cpu().contiguous()
-    save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    save_tensors(tensors, directory / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     peft_config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model, "r": config.r,
         "lora_alpha": config.alpha, "lora_dropout": config.dropout, "bias": "none", "fan_in_fan_out": False,

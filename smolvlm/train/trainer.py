@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.utils.checkpoint import checkpoint
 
 from smolvlm.errors import ConfigError, DataError
@@ -47,7 +47,7 @@ from smolvlm.train.lora import (
     LoRAConfig, apply_lora, continue_adapter, lora_modules, merge_lora, save_adapter, wrap_linears,
 )
 from smolvlm.train.prefetch import prefetched
-from smolvlm.weights.checkpoint import load_smolvlm, save_smolvlm
+from smolvlm.weights.checkpoint import load_smolvlm, save_smolvlm, save_tensors
 
 log = logging.getLogger("smolvlm.train")
 PARTS = {"vision": ("vision_model.",), "connector": ("connector.",), "text": ("text_model.", "lm_head.")}
@@ -588,11 +588,11 @@ class Trainer:
         model_state = self.full_state()
         self.export(tmp, model_state)
         if self.dist.main:
-            save_file({n: model_state[n].contiguous() for n, _ in self.trainable}, str(tmp / STATE_FILES[0]))
+            save_tensors({n: model_state[n].contiguous() for n, _ in self.trainable}, tmp / STATE_FILES[0])
             optim = self.optimizer.state_dict()
             if not self.sharded:  # sharded moments are not gathered: an FSDP checkpoint restarts the optimizer
                 tensors = {f"{i}.{k}": v.cpu().contiguous() for i, s in optim["state"].items() for k, v in s.items()}
-                save_file(tensors, str(tmp / STATE_FILES[1]))
+                save_tensors(tensors, tmp / STATE_FILES[1])
             groups = [{k: v for k, v in g.items()} for g in optim["param_groups"]]
             state = {"step": self.step, "rng": rngs, "param_groups": groups, "skipped": self.bad.counts,
                      "config": dataclasses.asdict(self.config), "world": self.dist.world,

@@ -283,6 +283,16 @@ def _config_or_error(build: Callable, data: dict, directory: Path):
 # ---- writing ----
 
 
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path,
+                 metadata: dict[str, str] | None = None) -> Path:
+    """Write tensors to a safetensors file; a failed write (full disk, missing or read-only folder) is an OSError."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:  # safetensors reports I/O failures as its own error type
+        raise OSError(f"could not write {path}: {e}") from e
+    return Path(path)
+
+
 def write_weights(model: nn.Module, directory: Path, to_hub_key: Callable[[str], str], tied_key: str | None) -> Path:
     """Write the model's tensors to `model.safetensors` under hub names, the tied head left out."""
     tensors = {
@@ -291,9 +301,7 @@ def write_weights(model: nn.Module, directory: Path, to_hub_key: Callable[[str],
         if name != tied_key
     }
     _remove_stale_shards(directory)
-    path = directory / WEIGHTS_NAME
-    save_file(tensors, str(path), metadata={"format": "pt"})
-    return path
+    return save_tensors(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
 
 
 def _remove_stale_shards(directory: Path) -> None:
