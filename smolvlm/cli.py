@@ -295,11 +295,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         rest = [a for a in argv if a != "--debug"]
         if rest and rest[0] in DELEGATED:
             return _delegate(rest[0], rest[1:])
-        args = build_parser().parse_args(argv)
+        args = build_parser().parse_args(rest)  # --debug may stand anywhere
         if getattr(args, "batch_size", 1) < 1:
             raise SmolVLMError("--batch-size must be at least 1")
         return args.func(args)
-    except SmolVLMError as e:
+    except (SmolVLMError, OSError) as e:  # OSError: a full disk, a missing or unwritable folder, named by the OS
         if debug:
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -94,6 +94,15 @@ def test_describe_reports_corrupt_images_and_resumes(checkpoint, photos, tmp_pat
     assert json.loads(out.strip().splitlines()[-1])["skipped_done"] == 5
 
 
+def test_os_errors_are_one_line(checkpoint, photos, capsys):
+    # The answers' folder cannot be made (a file is in the way), as with a full disk or a read-only folder.
+    blocked = photos / "p0.png" / "answers.jsonl"
+    code, _, err = _cli(capsys, "describe", "-m", str(checkpoint), str(photos), "-o", str(blocked))
+    assert code == 1 and err.startswith("error:") and "p0.png" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(OSError):
+        main(["describe", "-m", str(checkpoint), str(photos), "-o", str(blocked), "--debug"])
+
+
 def test_describe_resume_after_kill(checkpoint, tmp_path):
     folder = tmp_path / "many"
     folder.mkdir()
