@@ -10,8 +10,8 @@
 #   env: SEED, STEPS1, STEPS2, BATCH1 (stage 1), BATCH (stage 2), N_TRAIN, N_EVAL, THREADS,
 #        SIGNS (how sign text is set, `data synth --signs`: proportional, as shipped, or monospace),
 #        TRAIN_TASKS (the training mix, `data synth --tasks`; both stages train on it),
-#        STEPS3, BATCH3, N_TRAIN3, TASKS3 (stage 3: steps (0: none), batch, samples and mix of its own data, seeded
-#        SEED + 61),
+#        STEPS3, BATCH3, N_TRAIN3, TASKS3 (stage 3: steps (0: none), batch, samples (default STEPS3 x BATCH3) and
+#        mix of its own data, seeded SEED + 61),
 #        SHARDS (training data written by this many parallel `data synth` runs, shard k seeded SEED + 100k),
 #        DATA_WORKERS (processes building batches; a GPU needs several, the CPU recipe uses a background thread),
 #        COMPILE=1 (both stages torch.compile their layers: fewer, larger kernels for a GPU),
@@ -38,7 +38,7 @@ TRAIN_TASKS=${TRAIN_TASKS:-$SHIPPED_TASKS}
 EVAL_TASKS="colour,exists,count,spatial,ocr,grounding,chart"
 STEPS3=${STEPS3:-0}
 BATCH3=${BATCH3:-8}
-N_TRAIN3=${N_TRAIN3:-4000}
+N_TRAIN3=${N_TRAIN3:-$((STEPS3 * BATCH3))}  # default: every sample seen once
 FOCUS_TASKS="colour=1,exists=1.5,count=2.5,spatial=3,chart=2,ocr=0.25,grounding=0.25"  # the shipped stage 3
 TASKS3=${TASKS3:-$FOCUS_TASKS}
 define_stages() {  # the stages' arguments for the current STEPS1 / STEPS2 / STEPS3
