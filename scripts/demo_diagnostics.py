@@ -7,6 +7,8 @@
     python scripts/demo_diagnostics.py count-tokens -m demo --data eval.jsonl
         the counting questions answered from the image tokens alone (how many tokens name the asked shape), and
         how often a shape is named at the token holding its centre, near a token border and away from it
+    python scripts/demo_diagnostics.py image-tokens -m demo examples/shapes.png
+        one picture's image tokens (its global view) that do not say background: row, column, two nearest words
     python scripts/demo_diagnostics.py oracle -m BASE --train train.jsonl --eval eval.jsonl --task ocr
         the language model's side alone: LoRA trained on exact image tokens (each the word embeddings of what its
         region shows, as `--objective scene` targets them), then held-out exact match every 50 steps
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import sys
 import time
@@ -92,6 +95,22 @@ def token_accuracy(model: str, data: str, limit: int) -> dict[str, dict[str, flo
             counts[kind][0] += int(right)
             counts[kind][1] += 1
     return {kind: {"right": r / total, "n": total} for kind, (r, total) in sorted(counts.items())}
+
+
+def image_tokens(model: str, image: str) -> list[list[list[str]]]:
+    """The two nearest words of every image token of a picture's global view, as rows of the token grid."""
+    vlm = load(model, device="cpu", dtype=torch.float32)
+    m = vlm.model
+    content = [{"type": "image", "image": image}, {"type": "text", "text": "?"}]
+    batch = vlm.prepare([[{"role": "user", "content": content}]])
+    tiles = batch.pixel_values[0][batch.pixel_attention_mask[0].flatten(1).any(1)]  # (tiles, 3, H, W), global last
+    table = word_embeddings(m, vlm.processor).float()  # (W, D)
+    with torch.no_grad():
+        tokens = m.connector(m.vision_model(tiles[-1:])).float()[0]  # (T, D)
+    names = token_word_list()
+    top2 = (tokens @ table.T).topk(2, dim=-1).indices.tolist()  # (T, 2)
+    side = math.isqrt(len(top2))
+    return [[[names[w] for w in top2[r * side + c]] for c in range(side)] for r in range(side)]
 
 
 def count_from_tokens(model: str, data: str) -> dict[str, float]:
@@ -271,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     k = sub.add_parser("count-tokens")
     k.add_argument("-m", "--model", default="demo")
     k.add_argument("--data", required=True, help="synthetic JSONL with counting questions")
+    i = sub.add_parser("image-tokens")
+    i.add_argument("-m", "--model", default="demo")
+    i.add_argument("image")
     o = sub.add_parser("oracle")
     o.add_argument("-m", "--model", required=True, help="the untrained base (`python -m smolvlm.demo base`)")
     o.add_argument("--train", required=True)
@@ -287,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("breakdown")
     b.add_argument("--report", required=True, help="`smolvlm eval --out` JSON (it holds every prediction)")
     b.add_argument("--data", required=True, help="the eval JSONL it scored (its meta names each question's axis)")
-    for p in (c, t, k, o, b):
+    for p in (c, t, k, i, o, b):
         p.add_argument("--json", action="store_true", help="one JSON line instead of a table")
     args = parser.parse_args(argv)
     if args.command == "collisions":
@@ -298,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         result = count_from_tokens(args.model, args.data)
     elif args.command == "breakdown":
         result = breakdown(args.report, args.data)
+    elif args.command == "image-tokens":
+        result = image_tokens(args.model, args.image)
     else:
         result = oracle(args.model, args.train, args.eval, args.task, args.layout, args.steps, args.lr,
                         args.batch_size, args.seed, args.n_eval, args.device, args.every)
@@ -306,6 +330,12 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command in ("tokens", "breakdown"):
         for kind, row in result.items():
             print(f"{kind:<28} {100 * row['right']:5.1f}% right  (n={row['n']})")
+    elif args.command == "image-tokens":
+        background = token_word_list()[0]
+        for r, row in enumerate(result):
+            for c, words in enumerate(row):
+                if words[0] != background:
+                    print(f"row {r} col {c}: {''.join(words)}")
     elif isinstance(result, dict):
         for key, value in result.items():
             print(f"{key:<28} {value:.4g}")

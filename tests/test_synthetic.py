@@ -303,11 +303,28 @@ def test_demo_diagnostics_breakdown_splits_spatial_by_axis_and_count_by_truth(tm
                                "spatial, vertical": {"right": 1.0, "n": 1}}
 
 
-def test_demo_diagnostics_counts_from_tokens_ignore_background_tokens(tmp_path, monkeypatch):
+def _diagnostics():
+    """scripts/demo_diagnostics.py as a module."""
     root = Path(__file__).resolve().parents[1]
     spec = importlib.util.spec_from_file_location("demo_diagnostics", root / "scripts" / "demo_diagnostics.py")
     diagnostics = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(diagnostics)
+    return diagnostics
+
+
+def test_demo_diagnostics_image_tokens_read_the_global_view(tmp_path):
+    from checkpoints import write_tiny_checkpoint
+
+    checkpoint = write_tiny_checkpoint(tmp_path / "ckpt")
+    image = tmp_path / "wide.png"
+    Image.new("RGB", (150, 90), (200, 30, 30)).save(image)  # split into tiles + a global view
+    grid = _diagnostics().image_tokens(str(checkpoint), str(image))
+    assert len(grid) == 2 and all(len(row) == 2 for row in grid)  # the tiny checkpoint: 4 tokens a tile
+    assert all(len(words) == 2 and set(words) <= set(token_word_list()) for row in grid for words in row)
+
+
+def test_demo_diagnostics_counts_from_tokens_ignore_background_tokens(tmp_path, monkeypatch):
+    diagnostics = _diagnostics()
     names = token_word_list()
     circle, star, red = names.index(" circle"), names.index(" star"), names.index(" red")
     # 256-px pictures, 32-px tokens: centres (16, 16) and (48, 16) lie in tokens 0 and 1, far from a border;
