@@ -61,20 +61,26 @@ def collisions(signs: str, n: int) -> dict[str, float]:
     return {"signs": n, "characters_without_a_token": lost / total, "signs_unreadable": unreadable / n}
 
 
+def nearest_words(m: torch.nn.Module, table: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+    """(N, T, 2): the two nearest of the words `table` (W, D) embeds (`word_embeddings`) to each image token of
+    pictures (N, 3, H, W)."""
+    with torch.no_grad():
+        tokens = m.connector(m.vision_model(pixel_values)).float()  # (N, T, D)
+    return (tokens @ table.T).topk(2, dim=-1).indices
+
+
 def token_top2(model: str, scenes: list[dict]) -> Iterator[tuple[dict, torch.Tensor, torch.Tensor]]:
     """Each scene with its image tokens' two nearest words (T, 2) and the words stage 1 taught them (T, 2)."""
     vlm = load(model, device="cpu", dtype=torch.float32)
     m = vlm.model
     make_batch = SceneBatches(vlm.processor, m.config.vision.patch_size, m.config.scale_factor)
     table = word_embeddings(m, vlm.processor).float()  # (W, D)
-    with torch.no_grad():
-        for i in range(0, len(scenes), 25):
-            chunk = scenes[i : i + 25]
-            batch = make_batch(chunk)
-            tokens = m.connector(m.vision_model(batch["pixel_values"])).float()  # (N, T, D)
-            top2 = (tokens @ table.T).topk(2, dim=-1).indices  # (N, T, 2)
-            for n, scene in enumerate(chunk):
-                yield scene, top2[n], batch["words"][n]
+    for i in range(0, len(scenes), 25):
+        chunk = scenes[i : i + 25]
+        batch = make_batch(chunk)
+        top2 = nearest_words(m, table, batch["pixel_values"])  # (N, T, 2)
+        for n, scene in enumerate(chunk):
+            yield scene, top2[n], batch["words"][n]
 
 
 def token_accuracy(model: str, data: str, limit: int) -> dict[str, dict[str, float]]:
@@ -100,15 +106,12 @@ def token_accuracy(model: str, data: str, limit: int) -> dict[str, dict[str, flo
 def image_tokens(model: str, image: str) -> list[list[list[str]]]:
     """The two nearest words of every image token of a picture's global view, as rows of the token grid."""
     vlm = load(model, device="cpu", dtype=torch.float32)
-    m = vlm.model
     content = [{"type": "image", "image": image}, {"type": "text", "text": "?"}]
     batch = vlm.prepare([[{"role": "user", "content": content}]])
     tiles = batch.pixel_values[0][batch.pixel_attention_mask[0].flatten(1).any(1)]  # (tiles, 3, H, W), global last
-    table = word_embeddings(m, vlm.processor).float()  # (W, D)
-    with torch.no_grad():
-        tokens = m.connector(m.vision_model(tiles[-1:])).float()[0]  # (T, D)
     names = token_word_list()
-    top2 = (tokens @ table.T).topk(2, dim=-1).indices.tolist()  # (T, 2)
+    table = word_embeddings(vlm.model, vlm.processor).float()  # (W, D)
+    top2 = nearest_words(vlm.model, table, tiles[-1:])[0].tolist()  # (T, 2)
     side = math.isqrt(len(top2))
     return [[[names[w] for w in top2[r * side + c]] for c in range(side)] for r in range(side)]
 
