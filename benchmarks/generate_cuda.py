@@ -233,12 +233,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-compiled", action="store_true", help="skip both compiled variants")
     parser.add_argument("--impls", nargs="+", choices=IMPLS, help="run only these implementations (of those the "
                         "other options select)")
+    parser.add_argument("--skip", nargs="*", default=[], metavar="SHAPE:IMPL",
+                        help="leave out these runs, e.g. 256M:ours-compiled")
     parser.add_argument("--worker-timeout", type=int, default=240)
     parser.add_argument("--out", type=Path, default=RESULTS / "generate-cuda.json")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    skip = {tuple(item.split(":", 1)) for item in args.skip}
+    for item in skip:
+        if len(item) != 2 or item[0] not in SHAPES or item[1] not in IMPLS:
+            parser.error(f"--skip takes SHAPE:IMPL with SHAPE in {list(SHAPES)} and IMPL in {list(IMPLS)}")
     if not torch.cuda.is_available():
         raise SystemExit("--device cuda needs a CUDA GPU (torch.cuda.is_available() is False)")
     if args.worker:
@@ -267,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         plan += [(shape, "transformers-compiled") for shape in args.shapes if shape in args.peer_compiled_shapes]
     if args.impls:
         plan = [(shape, impl) for shape, impl in plan if impl in args.impls]
+    plan = [run for run in plan if run not in skip]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for shape, impl in plan:
