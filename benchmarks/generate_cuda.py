@@ -5,7 +5,10 @@ implementation, each in its own process (its own peak-memory counter and compile
   ours                   CUDA-graph decode slots, attention through rope + cache writes + SDPA (decode_kernel=False)
   ours-compiled          the same with the step through torch.compile (`load(..., compile=True)`)
   ours[-compiled]-kernel the same with each layer's rope, cache write and attention as one Triton kernel
-                         (model/decode_attention.py); ours-kernel is what a GPU runs by default
+                         (model/decode_attention.py), and at batch 1 each projection as one Triton kernel with its
+                         norm, SiLU gate or residual add (model/decode_linear.py); ours-kernel is what a GPU runs
+                         by default
+  ours-attention-kernel  ours-kernel without the projection kernels (cuBLAS GEMMs, separate norms and adds)
   transformers           generate() with its default dynamic cache
   transformers-compiled  generate() with its static cache + torch.compile (mode "default": its CUDA-graph mode,
                          "reduce-overhead", fails for SmolVLM)
@@ -36,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from generate import RESULTS, SHAPES, _rate, _StepClock, build_checkpoint, make_prompt  # noqa: E402
 
-OURS = ("ours", "ours-compiled", "ours-kernel", "ours-compiled-kernel")
+OURS = ("ours", "ours-compiled", "ours-kernel", "ours-compiled-kernel", "ours-attention-kernel")
 IMPLS = (*OURS, "transformers", "transformers-compiled")
 GOALS = {"256M decode b1 tok/s": 1000.0, "256M decode b32 vs transformers": 10.0, "2.2B b1 roofline fraction": 0.5}
 
@@ -100,7 +103,7 @@ def load(impl: str, directory: Path):
         model = SmolVLM.from_pretrained(directory, device="cuda", dtype=torch.bfloat16).eval()
         engine = Engine(model, lambda ids: "", eos_token_ids=[],
                         step_mode="compiled-graphs" if "compiled" in impl else "graphs",
-                        decode_kernel=impl.endswith("-kernel"))
+                        decode_kernel=impl.endswith("-kernel"), decode_linear=impl != "ours-attention-kernel")
 
         def run(prompt: dict, new_tokens: int) -> tuple[float, float]:
             batch = prompt["input_ids"].shape[0]
@@ -264,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     def impls(shape: str) -> list[str]:
         compiled = not args.no_compiled and shape in args.compiled_shapes
         kernel = shape in args.kernel_shapes
-        return ["ours", "transformers", *(["ours-kernel"] if kernel else []),
+        return ["ours", "transformers", *(["ours-kernel", "ours-attention-kernel"] if kernel else []),
                 *(["ours-compiled-kernel"] if kernel and compiled else []), *(["ours-compiled"] if compiled else [])]
 
     # Shape by shape, so that a run cut short keeps whole shapes; the peer's compiled path (slow, in no goal) last.

@@ -71,8 +71,8 @@ def check_engine(family: str) -> None:
 
     plain = tokens(step_mode="eager")
     calls = []
-    fused = Attention._decode_kernel
-    Attention._decode_kernel = lambda self, *args: calls.append(1) or fused(self, *args)
+    fused = Attention.decode_attention  # the kernel's call, with or without decode_linear.py's projections
+    Attention.decode_attention = lambda self, *args: calls.append(1) or fused(self, *args)
     try:
         assert tokens(step_mode="graphs", decode_kernel=True) == plain
         assert tokens(step_mode="static", decode_kernel=True) == plain
@@ -82,7 +82,7 @@ def check_engine(family: str) -> None:
             results = engine.generate(ids, mask, configs, pixel_values=pixels, pixel_attention_mask=pixel_mask)
             assert [r.token_ids for r in results] == plain
     finally:
-        Attention._decode_kernel = fused
+        Attention.decode_attention = fused
     assert len(calls) == 4 * 8 * config.text.num_hidden_layers  # 8 static steps per run, every layer fused
 
 

@@ -129,6 +129,22 @@ def test_fused_decode_kernel_equals_graphs(case, step_mode, monkeypatch):
     assert _tokens(_on_gpu(model, torch.float32), config, ids, mask, vision, step_mode, decode_kernel=True) == plain
 
 
+@pytest.mark.parametrize("step_mode", ["graphs", "compiled-graphs"])
+def test_batch_1_projection_kernels_equal_cublas(case, step_mode, monkeypatch):
+    """At batch 1 the default GPU step also runs each projection as one Triton kernel (model/decode_linear.py):
+    the same tokens (fp32) as the step with cuBLAS projections."""
+    pytest.importorskip("triton")
+    config, model, ids, mask, vision = case
+    if step_mode == "compiled-graphs" and config.vision.patch_size != 16:
+        pytest.skip("one family is enough for the compiled step")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    one = ids[:1], mask[:1], {k: v[:1] for k, v in vision.items()}
+    gpu_model = _on_gpu(model, torch.float32)
+    cublas = _tokens(gpu_model, config, *one, step_mode, max_new=(NEW,), decode_linear=False)
+    assert _tokens(gpu_model, config, *one, step_mode, max_new=(NEW,)) == cublas
+    assert gpu_model.text_model.linear_kernels and gpu_model.text_model.layers[0].linears_fused()
+
+
 def test_weights_load_into_one_allocation(case, tmp_path):
     """A GPU load packs every weight into one block (no per-tensor allocator slack); fusing keeps it one block."""
     _, model, *_ = case

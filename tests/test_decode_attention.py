@@ -1,6 +1,7 @@
-"""The fused decode-attention kernel (model/decode_attention.py) on the CPU, through Triton's interpreter: its output
-and cache writes equal the unfused rope + index_copy + SDPA, and engines using it decode the eager path's tokens.
-On a GPU, test_cuda.py runs it compiled."""
+"""The fused decode kernels on the CPU, through Triton's interpreter: the attention kernel's (model/decode_attention.py)
+output and cache writes equal the unfused rope + index_copy + SDPA, the projection kernels' (model/decode_linear.py)
+the unfused norm + GEMM + gate / add, and engines using them decode the eager path's tokens. On a GPU, test_cuda.py
+runs them compiled."""
 
 from __future__ import annotations
 
@@ -18,13 +19,15 @@ TESTS = Path(__file__).resolve().parent
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton (its interpreter runs on a CPU)")
-def test_kernel_and_engines_under_the_triton_interpreter():
+@pytest.mark.parametrize("kernels", ["decode_attention", "decode_linear"])
+def test_kernels_and_engines_under_the_triton_interpreter(kernels):
+    """decode_attention_check.py and decode_linear_check.py (the projection kernels of model/decode_linear.py)."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)])}
-    done = subprocess.run([sys.executable, str(TESTS / "decode_attention_check.py")], env=env, cwd=TESTS,
+    done = subprocess.run([sys.executable, str(TESTS / f"{kernels}_check.py")], env=env, cwd=TESTS,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
-    assert "decode attention checks passed" in done.stdout
+    assert f"{kernels.replace('_', ' ')} checks passed" in done.stdout
 
 
 def test_without_triton_the_kernel_is_refused(monkeypatch):

@@ -162,13 +162,15 @@ class Engine:
     """Generates from a SmolVLM (or a text-only CausalLM) given already-processed input tensors."""
 
     def __init__(self, model: torch.nn.Module, decode: Callable[[list[int]], str], eos_token_ids: Sequence[int],
-                 step_mode: str = "auto", decode_kernel: bool | None = None):
+                 step_mode: str = "auto", decode_kernel: bool | None = None, decode_linear: bool = True):
         """`step_mode`: "eager" (decode attends over the cached prefix), "static" (fixed shapes: whole-cache
         attention under a mask), "compiled" (the static step through torch.compile; compiles per batch size),
         "graphs" (the static step in preallocated slots, replayed from CUDA graphs on a GPU), "compiled-graphs"
         (both) or "auto" (`default_step_mode` for the model's device). `decode_kernel`: static steps run rope,
         cache write and attention of each layer as one Triton kernel (`model/decode_attention.py`; needs Triton);
-        None (the default) turns it on for static steps on a GPU wherever it can run."""
+        None (the default) turns it on for static steps on a GPU wherever it can run. `decode_linear`: with the
+        kernel, batch-1 steps also run each projection as one Triton kernel with its norm, SiLU gate or residual
+        add (`model/decode_linear.py`)."""
         self.model = model
         if step_mode == "auto":
             step_mode = default_step_mode(self.device)
@@ -186,7 +188,8 @@ class Engine:
             decode_kernel = self.device.type == "cuda" and step_mode != "eager" and not decoder.decode_kernel_problem()
         if decode_kernel and step_mode == "eager":
             raise GenerationError("decode_kernel runs the static step: pick a step_mode other than eager")
-        decoder.use_decode_kernel(decode_kernel)  # a model's decoder follows its most recent engine's choice
+        # A model's decoder follows its most recent engine's choice.
+        decoder.use_decode_kernel(decode_kernel, decode_linear)
         self._static_step = self._static_logits
         if step_mode.startswith("compiled"):
             self._static_step = torch.compile(self._static_logits, fullgraph=True, dynamic=False)

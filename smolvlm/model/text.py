@@ -192,12 +192,18 @@ class Attention(FusableProjections):
             qkv = F.linear(x, *self.fused)
         else:  # LoRA-wrapped projections must each see the input
             qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        return self.decode_attention(qkv.view(B, -1), rope, valid, cache, cache_position)
+
+    def decode_attention(self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], valid: torch.Tensor,
+                         cache: KVCache, cache_position: torch.Tensor) -> torch.Tensor:
+        """Projected q/k/v (B, (H + 2 KV) hd) of one new token per row -> attention out (B, H hd), in one kernel."""
+        B = qkv.shape[0]
         cos, sin = rope  # (B, 1, 1, hd) each
         if cache.pointers is None:
             raise GenerationError("the fused decode attention reads the cache through its address table: "
                                   "call cache.bind_pointers() after allocating or reordering the cache")
         return torch.ops.smolvlm.decode_attention(
-            qkv.view(B, -1), cos.reshape(B, -1), sin.reshape(B, -1), cache.keys[self.layer_idx], cache.pointers,
+            qkv, cos.reshape(B, -1), sin.reshape(B, -1), cache.keys[self.layer_idx], cache.pointers,
             self.layer_idx, valid, cache_position, self.num_heads)
 
 
@@ -245,6 +251,27 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, cache_position)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def linears_fused(self) -> bool:
+        """True when `decode_step` can run: q/k/v and gate/up fused, every projection a plain linear (no LoRA
+        wrapper) without bias."""
+        attn, mlp = self.self_attn, self.mlp
+        plain = all(type(lin) is nn.Linear and lin.bias is None for lin in (attn.o_proj, mlp.down_proj))
+        return plain and attn.fused_ready() and mlp.fused_ready() and attn.fused[1] is None and mlp.fused[1] is None
+
+    def decode_step(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], valid: torch.Tensor,
+                    cache: KVCache, cache_position: torch.Tensor) -> torch.Tensor:
+        """One new token per row, (B, 1, D) -> (B, 1, D), in five kernels: norm + q/k/v, attention, output
+        projection + residual, norm + gate/up + SiLU gate, down projection + residual (decode_linear.py)."""
+        B, _, D = x.shape
+        attn, mlp, pre, post = self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm
+        linear = torch.ops.smolvlm.decode_linear
+        h = x.view(B, D)
+        qkv = linear(h, attn.fused[0], pre.weight, None, pre.eps, False)  # (B, (H + 2 KV) hd)
+        out = attn.decode_attention(qkv, rope, valid, cache, cache_position)  # (B, H hd)
+        h = linear(out, attn.o_proj.weight, None, h, 0.0, False)  # (B, D)
+        gated = linear(h, mlp.fused[0], post.weight, None, post.eps, True)  # (B, I)
+        return linear(gated, mlp.down_proj.weight, None, h, 0.0, False).view(B, 1, D)
+
 
 def position_ids_from_mask(attention_mask: torch.Tensor, num_new: int) -> torch.Tensor:
     """Positions of the last `num_new` tokens, counting only attended tokens (left padding shifts them)."""
@@ -286,6 +313,7 @@ class TextDecoder(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
         self.decode_kernel_max_len = 0  # static steps with caches up to this long use decode_attention.py's kernel
+        self.linear_kernels = False  # ... and those of at most decode_linear.MAX_BATCH rows decode_linear.py's
 
     def decode_kernel_problem(self) -> str | None:
         """Why the one-kernel decode attention cannot run for this decoder, or None when it can."""
@@ -300,14 +328,16 @@ class TextDecoder(nn.Module):
             return f"the fused decode attention needs a power-of-two head_dim, this model has {head_dim}"
         return None
 
-    def use_decode_kernel(self, enabled: bool = True) -> None:
-        """Run static decode steps (caches up to its MAX_CACHE_LEN) through the one-kernel decode attention."""
-        from smolvlm.model import decode_attention
+    def use_decode_kernel(self, enabled: bool = True, linear: bool = True) -> None:
+        """Run static decode steps (caches up to its MAX_CACHE_LEN) through the one-kernel decode attention, and
+        with `linear` those of few rows through the fused projections of decode_linear.py too."""
+        from smolvlm.model import decode_attention, decode_linear  # noqa: F401  (registers the ops)
 
         problem = self.decode_kernel_problem() if enabled else None
         if problem:
             raise ConfigError(problem)
         self.decode_kernel_max_len = decode_attention.MAX_CACHE_LEN if enabled else 0
+        self.linear_kernels = enabled and linear
 
     def fuse_projections(self) -> None:
         """One GEMM for q/k/v and one for gate/up in every layer (inference only; kept across .to())."""
@@ -354,11 +384,24 @@ class TextDecoder(nn.Module):
             mask = causal_padding_mask(attention_mask, past, T, inputs_embeds.device)
         rope = self.rotary(position_ids, inputs_embeds.dtype)
         x = inputs_embeds
-        for layer in self.layers:
-            x = layer(x, rope, mask, cache, cache_position)
+        if self._decode_linear_step(mask, B):
+            for layer in self.layers:
+                x = layer.decode_step(x, rope, mask, cache, cache_position)
+        else:
+            for layer in self.layers:
+                x = layer(x, rope, mask, cache, cache_position)
         if cache is not None and cache_position is None:  # static steps leave advancing to the caller
             cache.advance(T)
         return self.norm(x)
+
+
+    def _decode_linear_step(self, mask: torch.Tensor | None, batch: int) -> bool:
+        """Whether this forward is a static step that runs each layer as `DecoderLayer.decode_step`."""
+        from smolvlm.model import decode_linear
+
+        two_dim = mask is not None and mask.dim() == 2  # the fused decode attention's (B, max_len) mask
+        return (self.linear_kernels and two_dim and batch <= decode_linear.MAX_BATCH
+                and all(layer.linears_fused() for layer in self.layers))
 
 
 class CausalLM(nn.Module):
