@@ -189,6 +189,24 @@ def test_graph_slots_equal_eager_steps_as_rows_leave(pair, monkeypatch):
     assert list(engine._graphs.slots) == slots  # no slot made for it
 
 
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_graph_slots_sample_as_eager_steps_do(pair, lookahead):
+    """A decode slot's step leaves its greedy picks as the next input: rows that sample or penalise repeats must
+    have the host's picks replace them, and a greedy row beside them still decodes its eager tokens."""
+    config, _, ours = pair
+    gen = torch.Generator().manual_seed(14)
+    ids, mask = left_pad([torch.randint(1, config.image_token_id - 1, (n,), generator=gen) for n in (4, 11, 7)])
+    configs = [GenerationConfig(max_new_tokens=NEW, temperature=0.9, seed=3),
+               GenerationConfig(max_new_tokens=NEW, repetition_penalty=1.5), GenerationConfig(max_new_tokens=8)]
+    runs = []
+    for step_mode in ("eager", "graphs"):
+        engine = Engine(copy.deepcopy(ours), str, [_eos(config)], step_mode=step_mode)
+        engine.lookahead = lookahead
+        runs.append([r.token_ids for r in engine.generate(ids, mask, configs)])
+    assert runs[1] == runs[0]
+    assert runs[0][0] != _rows_with_modes(ours, config, ids, mask, [NEW, NEW, 8], "eager")[0]  # it did sample
+
+
 @pytest.mark.parametrize("step_mode", ["eager", "graphs"])
 def test_lookahead_steps_stream_the_same_pieces(pair, step_mode):
     """Queuing step t+1 before reading step t's tokens (the GPU default) changes nothing a caller sees: the same

@@ -341,6 +341,10 @@ class Engine:
         With `lookahead` (the default on a GPU) the next step is queued on the device before the host reads this
         step's tokens, so the GPU computes while the host detokenizes and checks stops; rows that finish meanwhile
         have one step computed for nothing, and the last step of a request is wasted."""
+        if isinstance(session, GraphSession) and all(r.params.greedy and r.params.repetition_penalty == 1.0
+                                                      for r in rows):
+            yield from self._decode_greedy(session, logits, rows)
+            return
         active = list(range(len(rows)))  # original row index of each active row
         ahead: torch.Tensor | None = None  # logits of the step queued before reading this one's tokens
         while True:
@@ -357,13 +361,8 @@ class Engine:
                 if self.lookahead:
                     ahead = session.next_logits(sampled[:, None])  # (B', V), queued behind the copy of `sampled`
                 tokens = read()  # the one sync per step
-            keep = []
-            for slot, (r, token) in enumerate(zip(active, tokens)):
-                piece = self.advance_row(rows[r], token)
-                if piece or rows[r].finish_reason:
-                    yield StreamPiece(r, piece, rows[r].finish_reason)
-                if rows[r].finish_reason is None:
-                    keep.append(slot)
+            keep: list[int] = []
+            yield from self._advance(rows, active, tokens, keep)
             if not keep:
                 return
             with self._on_device():
@@ -378,10 +377,53 @@ class Engine:
             for r in active:
                 rows[r].decode_seconds += elapsed
 
+    def _decode_greedy(self, session: GraphSession, logits: torch.Tensor, rows: list[RowState]
+                       ) -> Iterator[StreamPiece]:
+        """`_decode` for greedy rows in a decode slot: each step leaves its argmax as the next step's input, so a
+        token costs one graph replay and one copy to the host (no sampling, feeding or logits gather launched
+        apart); with `lookahead` the next replay is queued before this step's tokens are read."""
+        active = list(range(len(rows)))
+        with self._on_device():
+            first = logits.argmax(-1)  # (B,): slot rows 0..B-1, as `slot_rows` starts
+            session.feed(first[:, None])
+            read = self._reader(first)
+        while True:
+            step_start = time.perf_counter()
+            with self._on_device():
+                queued = self._reader(session.next_greedy()) if self.lookahead else None
+                tokens = read()  # the one sync per step
+            keep: list[int] = []
+            yield from self._advance(rows, active, [tokens[s] for s in session.slot_rows], keep)
+            if not keep:
+                return
+            if len(keep) < len(active):  # finished rows go on decoding in their slot rows, unread
+                session.keep(keep)
+                active = [active[s] for s in keep]
+            if queued is None:
+                with self._on_device():
+                    queued = self._reader(session.next_greedy())
+            read = queued
+            elapsed = time.perf_counter() - step_start
+            for r in active:
+                rows[r].decode_seconds += elapsed
+
+    def _advance(self, rows: list[RowState], active: list[int], tokens: list[int], keep: list[int]
+                 ) -> Iterator[StreamPiece]:
+        """Take token i into row active[i], yield the text it releases, and add to `keep` the positions (in
+        `active`) of the rows that go on."""
+        for position, (r, token) in enumerate(zip(active, tokens)):
+            piece = self.advance_row(rows[r], token)
+            if piece or rows[r].finish_reason:
+                yield StreamPiece(r, piece, rows[r].finish_reason)
+            if rows[r].finish_reason is None:
+                keep.append(position)
+
     def _reader(self, sampled: torch.Tensor) -> Callable[[], list[int]]:
-        """A function giving `sampled` as a list: on a GPU it waits only for a copy queued now, not for later work."""
+        """A function giving `sampled` as a list: on a GPU it waits only for a copy queued now, not for later work
+        (nor is it changed by later work: `sampled` may be a buffer the next step overwrites)."""
         if self._cuda_stream is None:
-            return sampled.tolist
+            values = sampled.tolist()
+            return lambda: values
         host = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=True)
         host.copy_(sampled, non_blocking=True)
         copied = torch.cuda.Event()

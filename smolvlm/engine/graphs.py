@@ -4,7 +4,8 @@ A captured step reads its inputs from, and writes its logits to, tensors that li
 borrows the slot whose batch bucket and cache length fit it: it prefills (eagerly) into the first rows of the slot's
 KV cache, and every later token is one graph replay. Rows the bucket pads with, and rows that finished early, keep
 decoding harmlessly in their own cache rows; nobody reads their logits. Position ids, the attention-mask column and
-the cache write position advance inside the graph, so the host only copies in the sampled tokens.
+the cache write position advance inside the graph, and the step leaves each row's argmax as the next step's input:
+greedy decoding is one replay a token, and the host copies in only tokens it sampled itself.
 
 Where the step reaches the cache through its address table (the fused decode attention, the GPU default), the KV
 cache is the request's own: allocated when the request starts (after its vision tower ran), bound to the slot's
@@ -73,11 +74,13 @@ class DecodeSlot:
                 self._capture(pool)
 
     def _forward(self) -> torch.Tensor:
-        """One step on the static buffers: mark this column written, run the model, advance the positions."""
+        """One step on the static buffers: mark this column written, run the model, advance the positions, and
+        leave each row's greedy next token in `tokens`: the next step's input unless the host writes others."""
         self.mask.index_fill_(1, self.cache_position, 1)
         logits = self._step(self.tokens, self.mask, self.position_ids, self.cache_position, self.cache)  # (B, V)
         self.position_ids.add_(1)
         self.cache_position.add_(1)
+        self.tokens.copy_(logits.argmax(-1, keepdim=True))  # (B, 1)
         return logits
 
     def _capture(self, pool: tuple | None) -> None:
@@ -134,15 +137,27 @@ class GraphSession:
     def __init__(self, slot: DecodeSlot, batch: int) -> None:
         self.slot = slot
         self.rows = torch.arange(batch, device=slot.tokens.device)  # (B',) slot row of each active row
+        self.slot_rows = list(range(batch))  # the same, on the host
 
     def keep(self, kept: list[int]) -> None:
         """Only the rows at these positions (of the active rows) go on."""
         self.rows = self.rows[torch.tensor(kept, device=self.rows.device)]
+        self.slot_rows = [self.slot_rows[i] for i in kept]
+
+    def feed(self, tokens: torch.Tensor) -> None:
+        """Make one token per active row ((B', 1), on the device) the next step's input."""
+        self.slot.tokens.index_copy_(0, self.rows, tokens)
 
     def next_logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per active row ((B', 1), on the device); their next-token logits (B', V)."""
-        self.slot.tokens.index_copy_(0, self.rows, tokens)
+        self.feed(tokens)
         return self.slot.run().index_select(0, self.rows)
+
+    def next_greedy(self) -> torch.Tensor:
+        """One step on the tokens the last step left as input (its greedy picks, or those fed since); the slot's
+        greedy next tokens (bucket,), a static buffer: active row i's is at `slot_rows[i]`."""
+        self.slot.run()
+        return self.slot.tokens.view(-1)
 
     def close(self) -> None:
         """Give the slot back for the next request."""
