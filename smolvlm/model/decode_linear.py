@@ -34,6 +34,12 @@ def next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def launch_options(n: int, k: int, gated: bool) -> dict[str, int]:
+    """The kernel's block sizes and warps for n outputs over k inputs."""
+    block_n, block_k = block_sizes(n, k, gated)
+    return {"BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 8 if block_n * block_k >= 8192 else 4}
+
+
 def block_sizes(n: int, k: int, gated: bool) -> tuple[int, int]:
     """(BLOCK_N, BLOCK_K) for n outputs over k inputs: the largest row block (at most 16) that still gives
     MIN_PROGRAMS programs, and a K block that makes the tile (both tiles when gated) TILE_ELEMENTS large."""
@@ -51,8 +57,8 @@ if decode_attention.available():
     @triton.jit
     def _decode_linear_kernel(
         x_ptr, w_ptr, norm_ptr, residual_ptr, out_ptr, N, K, stride_x, stride_w, stride_res, stride_out,
-        K_POW2: tl.constexpr, EPS: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,
+        K_POW2: tl.constexpr, EPS: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         block = tl.program_id(0)
         row = tl.program_id(1)
@@ -61,9 +67,10 @@ if decode_attention.available():
         out_ok = outputs < N
         x_row = x_ptr + row * stride_x
         if NORM:  # the whole row in one load: a loop of small loads would wait on each in turn
-            cols = tl.arange(0, K_POW2)
-            x = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
-            scale = 1.0 / tl.sqrt(tl.sum(x * x, 0) / K + EPS)
+            # (names of their own: a name the loop below assigns would be loop-carried, and must keep its shape)
+            row_cols = tl.arange(0, K_POW2)
+            whole = tl.load(x_row + row_cols, mask=row_cols < K, other=0.0).to(tl.float32)
+            scale = 1.0 / tl.sqrt(tl.sum(whole * whole, 0) / K + EPS)
         acc = tl.zeros((BLOCK_N,), tl.float32)
         acc_up = tl.zeros((BLOCK_N,), tl.float32)
         for start in range(0, K, BLOCK_K):
@@ -104,12 +111,11 @@ if decode_attention.available():
             raise GenerationError(f"a gated decode_linear needs [gate | up] weight rows, got {rows}")
         n = rows // 2 if gated else rows
         out = x.new_empty(B, n)
-        block_n, block_k = block_sizes(n, K, gated)
+        options = launch_options(n, K, gated)
         res = residual if residual is not None else out  # any tensor: not read without RESIDUAL
-        torch.library.wrap_triton(_decode_linear_kernel)[(triton.cdiv(n, block_n), B)](
+        torch.library.wrap_triton(_decode_linear_kernel)[(triton.cdiv(n, options["BLOCK_N"]), B)](
             x, weight, norm_weight if norm_weight is not None else x, res, out, n, K, x.stride(0),
             weight.stride(0), res.stride(0), out.stride(0), K_POW2=next_power_of_2(K), EPS=eps,
-            NORM=norm_weight is not None, GATED=gated, RESIDUAL=residual is not None, BLOCK_N=block_n,
-            BLOCK_K=block_k, num_warps=8 if block_n * block_k >= 8192 else 4,
+            NORM=norm_weight is not None, GATED=gated, RESIDUAL=residual is not None, **options,
         )
         return out
