@@ -66,7 +66,8 @@ def decode_weight_bytes(model) -> int:
 
 
 def step_profile(engine, prompt: dict, new_tokens: int, replays: int = 50) -> dict:
-    """GPU time of one captured decode step (CUDA events over graph replays) and the kernels it launches."""
+    """GPU time of one captured decode step (CUDA events over graph replays), and the kernels it launches with
+    their GPU times (the same step uncaptured, under the profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
     # On the engine's stream, as its requests run: a stream of its own would get cuBLAS workspaces of its own.
@@ -84,14 +85,17 @@ def step_profile(engine, prompt: dict, new_tokens: int, replays: int = 50) -> di
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 slot._forward()  # the same step, uncaptured, so each kernel shows
                 torch.cuda.synchronize()
-        names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     finally:
         session.close()
     counts: dict[str, int] = {}
-    for name in names:
-        counts[name[:90]] = counts.get(name[:90], 0) + 1
-    return {"graph_step_ms": start.elapsed_time(end) / replays, "gpu_ops_per_step": len(names),
-            "gpu_ops": dict(sorted(counts.items(), key=lambda kv: -kv[1])[:12])}
+    micros: dict[str, float] = {}  # GPU time of each kernel over the uncaptured step
+    for e in kernels:
+        counts[e.name[:90]] = counts.get(e.name[:90], 0) + 1
+        micros[e.name[:90]] = micros.get(e.name[:90], 0.0) + e.time_range.elapsed_us()
+    return {"graph_step_ms": start.elapsed_time(end) / replays, "gpu_ops_per_step": len(kernels),
+            "gpu_ops": dict(sorted(counts.items(), key=lambda kv: -kv[1])[:12]),
+            "gpu_op_us": {name: round(us, 1) for name, us in sorted(micros.items(), key=lambda kv: -kv[1])[:12]}}
 
 
 def load(impl: str, directory: Path):
