@@ -7,7 +7,6 @@ import glob
 import importlib
 import json
 import sys
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any

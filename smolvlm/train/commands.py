@@ -13,9 +13,12 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from smolvlm.errors import SmolVLMError
+
+if TYPE_CHECKING:  # the trainer imports torch; commands import it only when they run
+    from smolvlm.train.trainer import TrainConfig
 
 EXIT_ERROR = 2
 
