@@ -74,9 +74,10 @@ if available():
         out_dtype = qkv_ptr.dtype.element_ty  # the cache's dtype too (the op checks)
         # The table holds addresses in 16-byte units. Only multiple_of tells the compiler that they are aligned:
         # without it every cache element is a load of its own (PTX ld.global.b16; test_decode_attention.py checks).
-        k_cache_ptr = tl.multiple_of((tl.load(cache_table_ptr + layer) * 16).to(tl.pointer_type(out_dtype)), 16)
-        v_cache_ptr = tl.load(cache_table_ptr + num_layers + layer) * 16
-        v_cache_ptr = tl.multiple_of(v_cache_ptr.to(tl.pointer_type(out_dtype)), 16)
+        k_address = tl.load(cache_table_ptr + layer) * 16
+        v_address = tl.load(cache_table_ptr + num_layers + layer) * 16
+        k_cache_ptr = tl.multiple_of(k_address.to(tl.pointer_type(out_dtype)), 16)
+        v_cache_ptr = tl.multiple_of(v_address.to(tl.pointer_type(out_dtype)), 16)
         query = tl.load(q_at + dims).to(tl.float32) * cos + tl.load(q_at + partner).to(tl.float32) * ssin
         query = query.to(out_dtype).to(tl.float32) * SCALE  # rounded as the unfused rope's output is
         new_k = tl.load(k_at + dims).to(tl.float32) * cos + tl.load(k_at + partner).to(tl.float32) * ssin

@@ -394,7 +394,6 @@ class TextDecoder(nn.Module):
             cache.advance(T)
         return self.norm(x)
 
-
     def _decode_linear_step(self, mask: torch.Tensor | None, batch: int) -> bool:
         """Whether this forward is a static step that runs each layer as `DecoderLayer.decode_step`."""
         from smolvlm.model import decode_linear
