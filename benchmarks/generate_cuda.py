@@ -223,6 +223,24 @@ def summarize(report: dict) -> list[str]:
     return lines
 
 
+def run_plan(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """The (shape, implementation) runs the options select, in the order they run."""
+
+    def impls(shape: str) -> list[str]:
+        compiled = not args.no_compiled and shape in args.compiled_shapes
+        kernel = shape in args.kernel_shapes
+        return ["ours", "transformers", *(["ours-kernel", "ours-attention-kernel"] if kernel else []),
+                *(["ours-compiled-kernel"] if kernel and compiled else []), *(["ours-compiled"] if compiled else [])]
+
+    # Shape by shape, so that a run cut short keeps whole shapes; the peer's compiled path (slow, in no goal) last.
+    plan = [(shape, impl) for shape in args.shapes for impl in impls(shape)]
+    if not args.no_compiled:
+        plan += [(shape, "transformers-compiled") for shape in args.shapes if shape in args.peer_compiled_shapes]
+    if args.impls:
+        plan = [(shape, impl) for shape, impl in plan if impl in args.impls]
+    return plan
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the GPU benchmark and write JSON (rewritten after every measurement, so a cut-off run keeps its part)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -243,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip", nargs="*", default=[], metavar="SHAPE:IMPL",
                         help="leave out these runs, e.g. 256M:ours-compiled")
     parser.add_argument("--worker-timeout", type=int, default=240)
+    parser.add_argument("--dry-run", action="store_true", help="print the runs the options select, run nothing")
     parser.add_argument("--out", type=Path, default=RESULTS / "generate-cuda.json")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
@@ -252,6 +271,10 @@ def main(argv: list[str] | None = None) -> int:
     for item in skip:
         if len(item) != 2 or item[0] not in SHAPES or item[1] not in IMPLS:
             parser.error(f"--skip takes SHAPE:IMPL with SHAPE in {list(SHAPES)} and IMPL in {list(IMPLS)}")
+    plan = [run for run in run_plan(args) if run not in skip]
+    if args.dry_run:
+        print("\n".join(f"{shape} {impl}" for shape, impl in plan))
+        return 0
     if not torch.cuda.is_available():
         raise SystemExit("--device cuda needs a CUDA GPU (torch.cuda.is_available() is False)")
     if args.worker:
@@ -267,20 +290,6 @@ def main(argv: list[str] | None = None) -> int:
         "shapes": {shape: {} for shape in args.shapes},
     }
     torch.cuda.empty_cache()
-
-    def impls(shape: str) -> list[str]:
-        compiled = not args.no_compiled and shape in args.compiled_shapes
-        kernel = shape in args.kernel_shapes
-        return ["ours", "transformers", *(["ours-kernel", "ours-attention-kernel"] if kernel else []),
-                *(["ours-compiled-kernel"] if kernel and compiled else []), *(["ours-compiled"] if compiled else [])]
-
-    # Shape by shape, so that a run cut short keeps whole shapes; the peer's compiled path (slow, in no goal) last.
-    plan = [(shape, impl) for shape in args.shapes for impl in impls(shape)]
-    if not args.no_compiled:
-        plan += [(shape, "transformers-compiled") for shape in args.shapes if shape in args.peer_compiled_shapes]
-    if args.impls:
-        plan = [(shape, impl) for shape, impl in plan if impl in args.impls]
-    plan = [run for run in plan if run not in skip]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for shape, impl in plan:
