@@ -112,7 +112,7 @@ if decode_attention.available():
         n = rows // 2 if gated else rows
         out = x.new_empty(B, n)
         options = launch_options(n, K, gated)
-        res = residual if residual is not None else out  # any tensor: not read without RESIDUAL
+        res = residual if residual is not None else x  # any tensor but `out` (not read without RESIDUAL)
         torch.library.wrap_triton(_decode_linear_kernel)[(triton.cdiv(n, options["BLOCK_N"]), B)](
             x, weight, norm_weight if norm_weight is not None else x, res, out, n, K, x.stride(0),
             weight.stride(0), res.stride(0), out.stride(0), K_POW2=next_power_of_2(K), EPS=eps,
