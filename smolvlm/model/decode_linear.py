@@ -8,7 +8,8 @@ gate, down projection + residual.
 
 One program computes BLOCK_N outputs of one row: it streams BLOCK_N weight rows (contiguous, K long) through
 (BLOCK_N, BLOCK_K) tiles against the row's input. Each program first reads the whole input row to get its RMS (a few
-KiB, from L2), which saves the norm's own launch. Intermediate values are rounded to the weights' dtype where the
+KiB, from L2), which saves the norm's own launch. K is a compile-time constant (a model has four or five), so the
+masks along it vanish where BLOCK_K divides it. Intermediate values are rounded to the weights' dtype where the
 unfused path rounds them (norm output, projection output, SiLU output, product), so in bf16 the two paths differ
 only by the order of the sums.
 
@@ -56,9 +57,9 @@ if decode_attention.available():
 
     @triton.jit
     def _decode_linear_kernel(
-        x_ptr, w_ptr, norm_ptr, residual_ptr, out_ptr, N, K, stride_x, stride_w, stride_res, stride_out,
-        K_POW2: tl.constexpr, EPS: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        x_ptr, w_ptr, norm_ptr, residual_ptr, out_ptr, N, stride_x, stride_w, stride_res, stride_out,
+        K: tl.constexpr, K_POW2: tl.constexpr, EPS: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr,
+        RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         block = tl.program_id(0)
         row = tl.program_id(1)
@@ -114,8 +115,8 @@ if decode_attention.available():
         options = launch_options(n, K, gated)
         res = residual if residual is not None else x  # any tensor but `out` (not read without RESIDUAL)
         torch.library.wrap_triton(_decode_linear_kernel)[(triton.cdiv(n, options["BLOCK_N"]), B)](
-            x, weight, norm_weight if norm_weight is not None else x, res, out, n, K, x.stride(0),
-            weight.stride(0), res.stride(0), out.stride(0), K_POW2=next_power_of_2(K), EPS=eps,
+            x, weight, norm_weight if norm_weight is not None else x, res, out, n, x.stride(0), weight.stride(0),
+            res.stride(0), out.stride(0), K=K, K_POW2=next_power_of_2(K), EPS=eps,
             NORM=norm_weight is not None, GATED=gated, RESIDUAL=residual is not None, **options,
         )
         return out
