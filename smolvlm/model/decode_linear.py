@@ -18,6 +18,8 @@ Needs Triton, as decode_attention.py does; tests run it on the CPU through Trito
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from smolvlm.errors import GenerationError
@@ -98,9 +100,11 @@ if decode_attention.available():
             out = (out.to(tl.float32) + residual.to(tl.float32)).to(dtype)
         tl.store(out_ptr + row * stride_out + outputs, out, mask=out_ok)
 
+    # Optional[...] rather than `| None` in the signature: the op's schema is inferred from it, and older torch
+    # versions (2.11 on the GPU machines) may know only the former.
     @torch.library.triton_op("smolvlm::decode_linear", mutates_args=())
-    def decode_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None,
-                      residual: torch.Tensor | None, eps: float, gated: bool) -> torch.Tensor:
+    def decode_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: Optional[torch.Tensor],  # noqa: UP045
+                      residual: Optional[torch.Tensor], eps: float, gated: bool) -> torch.Tensor:  # noqa: UP045
         """x (B, K) -> (B, N): x @ weight.T, with x first RMS-normalised by `norm_weight` (K,) if given; `gated`:
         weight is (2N, K) [gate | up] and the result silu(gate) * up; `residual` (B, N) is added last."""
         B, K = x.shape
