@@ -80,7 +80,7 @@ class DecodeSlot:
         logits = self._step(self.tokens, self.mask, self.position_ids, self.cache_position, self.cache)  # (B, V)
         self.position_ids.add_(1)
         self.cache_position.add_(1)
-        self.tokens.copy_(logits.argmax(-1, keepdim=True))  # (B, 1)
+        torch.argmax(logits, dim=-1, keepdim=True, out=self.tokens)  # (B, 1), one kernel
         return logits
 
     def _capture(self, pool: tuple | None) -> None:
