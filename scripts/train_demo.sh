@@ -5,6 +5,7 @@
 #      the connector learns to turn each region into the word embeddings of what it shows
 #   -> stage 2 `smolvlm train` on the answers: LoRA on the language model, the connector at a low rate
 #   -> stage 3 (STEPS3 > 0): stage 2's adapter trained on, on a mix that weighs the weak tasks up (TASKS3)
+#   -> stage 4 (STEPS4 > 0): the same adapter trained on at a third of the rate, on data of its own (TASKS4)
 #   -> export (vision/connector, LoRA) -> `smolvlm eval` of the demo as users get it -> manifest.
 # Usage: scripts/train_demo.sh [WORK_DIR]
 #   env: SEED, STEPS1, STEPS2, BATCH1 (stage 1), BATCH (stage 2), N_TRAIN, N_EVAL, THREADS,
@@ -12,6 +13,7 @@
 #        TRAIN_TASKS (the training mix, `data synth --tasks`; both stages train on it),
 #        STEPS3, BATCH3, N_TRAIN3, TASKS3 (stage 3: steps (0: none), batch, samples (default STEPS3 x BATCH3) and
 #        mix of its own data, seeded SEED + 61),
+#        STEPS4, BATCH4, N_TRAIN4, TASKS4 (stage 4, likewise; lr 1e-4, data seeded SEED + 63),
 #        SHARDS (training data written by this many parallel `data synth` runs, shard k seeded SEED + 100k),
 #        DATA_WORKERS (processes building batches; a GPU needs several, the CPU recipe uses a background thread),
 #        COMPILE=1 (both stages torch.compile their layers: fewer, larger kernels for a GPU),
@@ -41,7 +43,11 @@ BATCH3=${BATCH3:-8}
 N_TRAIN3=${N_TRAIN3:-$((STEPS3 * BATCH3))}  # default: every sample seen once
 FOCUS_TASKS="colour=1,exists=1.5,count=2.5,spatial=3,chart=2,ocr=0.25,grounding=0.25"  # the shipped stage 3
 TASKS3=${TASKS3:-$FOCUS_TASKS}
-define_stages() {  # the stages' arguments for the current STEPS1 / STEPS2 / STEPS3
+STEPS4=${STEPS4:-0}
+BATCH4=${BATCH4:-8}
+N_TRAIN4=${N_TRAIN4:-$((STEPS4 * BATCH4))}
+TASKS4=${TASKS4:-$FOCUS_TASKS}
+define_stages() {  # the stages' arguments for the current STEPS1 / STEPS2 / STEPS3 / STEPS4
     STAGE1=(--objective scene --vision full --connector full --lr 1e-3 --weight-decay 0.05 --warmup-steps 30 --min-lr-ratio 0.05
             --batch-size "$BATCH1" --max-steps "$STEPS1" --eval-data "$WORK/data/eval.jsonl" --eval-batch-size 32
             --seed "$SEED" --log-every 10 --data-workers "$DATA_WORKERS" ${COMPILE:+--compile})
@@ -51,6 +57,7 @@ define_stages() {  # the stages' arguments for the current STEPS1 / STEPS2 / STE
     STAGE2=("${answers[@]}" --lora-r 16 --lora-alpha 32 --lr 5e-4 --warmup-steps 20 --max-steps "$STEPS2"
             --batch-size "$BATCH")
     STAGE3=("${answers[@]}" --lr 3e-4 --warmup-steps 10 --max-steps "$STEPS3" --batch-size "$BATCH3")
+    STAGE4=("${answers[@]}" --lr 1e-4 --warmup-steps 10 --max-steps "$STEPS4" --batch-size "$BATCH4")
 }
 define_stages
 start=$(date +%s)
@@ -102,6 +109,12 @@ if [ "$STEPS3" -gt 0 ]; then  # stage 2's adapter (merged into run/final) traine
         --data "$WORK/data3/train.jsonl" --out "$WORK/run3" "${STAGE3[@]}"
     FINAL="$WORK/run3/final"
 fi
+if [ "$STEPS4" -gt 0 ]; then  # the same adapter again, gently: spatial and counting gain without losing the rest
+    synth "$WORK/data4" "$N_TRAIN4" "$((SEED + 63))" train "$TASKS4"
+    [ -f "$WORK/run4/final/model.safetensors" ] || smolvlm train --model "$FINAL" --continue-adapter "$FINAL" \
+        --data "$WORK/data4/train.jsonl" --out "$WORK/run4" "${STAGE4[@]}"
+    FINAL="$WORK/run4/final"
+fi
 
 # Ship the trained tensors, then score the demo exactly as users get it (assembled from the shipped files).
 python -m smolvlm.demo export --run "$FINAL"
@@ -118,14 +131,22 @@ if [ "$STEPS3" -gt 0 ]; then
     [ "$TASKS3" = "$FOCUS_TASKS" ] || COMMAND="$COMMAND TASKS3=$TASKS3"
     STAGE3_TEXT="${STAGE3[*]}"
 fi
+STAGE4_TEXT=""
+if [ "$STEPS4" -gt 0 ]; then
+    COMMAND="$COMMAND STEPS4=$STEPS4 BATCH4=$BATCH4 N_TRAIN4=$N_TRAIN4"
+    [ "$TASKS4" = "$FOCUS_TASKS" ] || COMMAND="$COMMAND TASKS4=$TASKS4"
+    STAGE4_TEXT="${STAGE4[*]}"
+fi
 COMMAND="$COMMAND scripts/train_demo.sh"
 RECIPE=$(python -c 'import json, sys; recipe = {"command": sys.argv[7], "train_tasks": sys.argv[1],
     "n_train": int(sys.argv[2]), "eval_tasks": sys.argv[3], "n_eval": int(sys.argv[4]),
     "stage1": "smolvlm train " + sys.argv[5], "stage2": "smolvlm train " + sys.argv[6]}
 if sys.argv[8]:
     recipe.update(stage3_tasks=sys.argv[9], n_train3=int(sys.argv[10]), stage3="smolvlm train " + sys.argv[8])
+if sys.argv[11]:
+    recipe.update(stage4_tasks=sys.argv[12], n_train4=int(sys.argv[13]), stage4="smolvlm train " + sys.argv[11])
 print(json.dumps(recipe))' \
     "$TRAIN_TASKS" "$N_TRAIN" "$EVAL_TASKS" "$N_EVAL" "${STAGE1[*]}" "${STAGE2[*]}" "$COMMAND" "$STAGE3_TEXT" \
-    "$TASKS3" "$N_TRAIN3")
+    "$TASKS3" "$N_TRAIN3" "$STAGE4_TEXT" "$TASKS4" "$N_TRAIN4")
 python -m smolvlm.demo manifest --report "$WORK/eval.json" --eval-data "$WORK/data/eval.jsonl" --recipe "$RECIPE" \
     --seed "$SEED" --wall-time "$((end - start))"
