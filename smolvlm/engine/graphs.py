@@ -136,13 +136,13 @@ class GraphSession:
 
     def __init__(self, slot: DecodeSlot, batch: int) -> None:
         self.slot = slot
-        self.rows = torch.arange(batch, device=slot.tokens.device)  # (B',) slot row of each active row
-        self.slot_rows = list(range(batch))  # the same, on the host
+        self.slot_rows = list(range(batch))  # slot row of each active row
+        self.rows = torch.arange(batch, device=slot.tokens.device)  # (B',) the same, on the device
 
     def keep(self, kept: list[int]) -> None:
         """Only the rows at these positions (of the active rows) go on."""
-        self.rows = self.rows[torch.tensor(kept, device=self.rows.device)]
         self.slot_rows = [self.slot_rows[i] for i in kept]
+        self.rows = torch.tensor(self.slot_rows, device=self.rows.device)
 
     def feed(self, tokens: torch.Tensor) -> None:
         """Make one token per active row ((B', 1), on the device) the next step's input."""
