@@ -15,9 +15,10 @@ from smolvlm.train import synthetic
 from smolvlm.train.commands import train_main
 from smolvlm.model.connector import pixel_shuffle
 from smolvlm.train.scene_labels import (
-    CHAR_CLASSES, CHARACTERS, N_CLASSES, NO_WORD, SHAPE_CLASSES, instance_map, patch_targets, token_word_list,
-    token_words,
+    CHAR_CLASSES, CHARACTERS, N_CLASSES, NO_WORD, SHAPE_CLASSES, instance_map, patch_targets, slack_tokens,
+    token_word_list, token_words,
 )
+from smolvlm.train.scene_pretrain import align_losses, resolve_slack
 from smolvlm.train.synthetic import COLOURS, SHAPES, render_scene
 from smolvlm.train.trainer import TrainConfig, train
 from test_trainer import synthetic_set, trainable_checkpoint
@@ -82,7 +83,8 @@ def test_scene_stage_trains_the_vision_tower_and_aligns_the_connector(tmp_path, 
     out = tmp_path / "scene"
     metrics = train(TrainConfig(objective="scene", model=str(ckpt), data=str(data), out=str(out), vision="full",
                                 connector=connector, lr=3e-3, max_steps=40, batch_size=16, warmup_steps=2,
-                                eval_data=str(data), progress=False, data_workers=workers, compile=compile))
+                                eval_data=str(data), progress=False, data_workers=workers, compile=compile,
+                                centre_slack=3.0 if connector == "full" else 0.0))
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     first, last = log[0], [r for r in log if "class_ce" in r][-1]
     assert last["step"] == 40
@@ -116,6 +118,9 @@ def test_scene_stage_errors(tmp_path, capsys):
     assert "meta.images" in capsys.readouterr().err
     assert train_main([*common, "--vision", "full", "--data", str(data), "--save-every", "1"]) == 2
     assert "writes OUT/final only" in capsys.readouterr().err
+    for policy in (["--connector", "frozen"], ["--objective", "lm"]):
+        assert train_main([*common, "--vision", "full", "--data", str(data), "--centre-slack", "2", *policy]) == 2
+        assert "--centre-slack (pixels, >= 0) places" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse names the choices
         train_main([*common, "--vision", "full", "--data", str(data), "--objective", "pixels"])
     assert "choose from 'lm', 'scene'" in capsys.readouterr().err
@@ -188,3 +193,32 @@ def test_monospace_signs_give_every_character_a_token_of_its_own(size, task):
         assert line_rows <= {float(y) for _, y in scene["sign"]["centres"]}  # named on their line's centre row
         centres = sorted(c.centre()[0] for c in chars if c.centre()[1] == chars[0].centre()[1])
         assert all(b - a >= pitch for a, b in zip(centres, centres[1:]))
+
+
+def test_slack_tokens_offer_the_other_side_of_a_near_border():
+    scene = {**_scene("count", 0), "objects": [
+        {"shape": "circle", "colour": "red", "rgb": [200, 0, 0], "box": [46, 100, 84, 138]},  # centre (65, 119)
+        {"shape": "star", "colour": "blue", "rgb": [0, 0, 200], "box": [143, 143, 177, 177]},  # centre (160, 160)
+        {"shape": "square", "colour": "green", "rgb": [0, 160, 0], "box": [180, 28, 220, 68]},  # centre (200, 48)
+    ]}
+    rows = slack_tokens(scene, 32, 3.0).tolist()
+    circle = 3 * 8 + 2  # (65, 119): column 2, 1 px right of the border with column 1; row 3
+    corner = 5 * 8 + 5  # (160, 160): the corner of four tokens
+    assert sorted(rows) == sorted([[circle, circle - 1, -1, -1], [corner, corner - 9, corner - 8, corner - 1]])
+    assert slack_tokens(scene, 32, 0.5).tolist() == [[corner, corner - 9, corner - 8, corner - 1]]
+
+
+def test_resolve_slack_says_a_thing_once_where_its_tokens_lean():
+    table = torch.randn(6, 16)
+    words = torch.tensor([[[0, NO_WORD], [1, 4], [0, NO_WORD], [0, NO_WORD]]])  # (1, T=4, 2): token 1 says 1 + 4
+    tokens = torch.zeros(1, 4, 16)
+    tokens[0, 0] = 8 * (table[1] + table[4])  # the tower already says the thing at token 0, the other side
+    tokens[0, 1] = 8 * table[0]
+    log_probs = (tokens @ table.T).log_softmax(-1)
+    slack = torch.tensor([[[1, 0, -1, -1], [-1, -1, -1, -1]]])  # (1, K=2, 4): one thing, padding
+    moved = resolve_slack(log_probs, words, slack)
+    assert moved.tolist() == [[[1, 4], [0, NO_WORD], [0, NO_WORD], [0, NO_WORD]]]
+    tokens[0, 0], tokens[0, 1] = tokens[0, 1].clone(), tokens[0, 0].clone()  # leaning to its own token: stays
+    assert torch.equal(resolve_slack((tokens @ table.T).log_softmax(-1), words, slack), words)
+    losses = align_losses(tokens, words, table, slack)
+    assert float(losses["word_acc"]) == 1.0

@@ -34,7 +34,7 @@ from smolvlm.processing import Processor
 from smolvlm.processing.image import batch_tiles, split_image
 from smolvlm.train.prefetch import prefetched
 from smolvlm.train.scene_labels import (
-    N_CLASSES, NO_WORD, instance_map, patch_targets, token_word_list, token_words,
+    N_CLASSES, NO_WORD, SLACK_CHOICES, instance_map, patch_targets, slack_tokens, token_word_list, token_words,
 )
 from smolvlm.train.synthetic import render_scene
 from smolvlm.weights.checkpoint import load_smolvlm
@@ -89,17 +89,18 @@ def load_scenes(path: str | Path) -> list[dict[str, Any]]:
 class SceneBatches:
     """Rendered, normalised pictures and stacked patch targets for lists of scenes."""
 
-    def __init__(self, processor: Processor, patch_size: int, scale_factor: int) -> None:
+    def __init__(self, processor: Processor, patch_size: int, scale_factor: int, centre_slack: float = 0.0) -> None:
         if processor.image_config is None:
             raise ConfigError("the scene objective needs a checkpoint with an image processor")
         self.config = processor.image_config
         self.patch_size = patch_size
         self.token_size = patch_size * scale_factor  # pixels per image token's region
+        self.centre_slack = centre_slack  # > 0: also each scene's `slack_tokens`
 
     def __call__(self, scenes: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """pixel_values (N, 3, H, W); patch targets classes (N, P, C), boxes (N, P, 4), has_box, centres (N, P); and
-        the image tokens' word ids (N, T, 2)."""
-        tiles, targets, words = [], [], []
+        """pixel_values (N, 3, H, W); patch targets classes (N, P, C), boxes (N, P, 4), has_box, centres (N, P); the
+        image tokens' word ids (N, T, 2); with a centre slack, the `slack_tokens` (N, K, 4), -1 padded."""
+        tiles, targets, words, slack = [], [], [], []
         for scene in scenes:
             image = render_scene(scene)
             cut = split_image(image, self.config)
@@ -111,13 +112,21 @@ class SceneBatches:
             drawn = instance_map(scene)  # drawn once, summarised twice
             targets.append(patch_targets(scene, self.patch_size, drawn))
             words.append(token_words(scene, self.token_size, drawn))
+            if self.centre_slack > 0:
+                slack.append(slack_tokens(scene, self.token_size, self.centre_slack, drawn))
         pixel_values, _ = batch_tiles(tiles, self.config)  # (N, 1, 3, H, W)
 
         def stack(field: str) -> torch.Tensor:
             return torch.from_numpy(np.stack([getattr(t, field) for t in targets]))
 
-        return {"pixel_values": pixel_values[:, 0], "classes": stack("classes"), "boxes": stack("boxes"),
-                "has_box": stack("has_box"), "centres": stack("centres"), "words": torch.from_numpy(np.stack(words))}
+        batch = {"pixel_values": pixel_values[:, 0], "classes": stack("classes"), "boxes": stack("boxes"),
+                 "has_box": stack("has_box"), "centres": stack("centres"), "words": torch.from_numpy(np.stack(words))}
+        if self.centre_slack > 0:
+            padded = np.full((len(slack), max(1, max(len(s) for s in slack)), SLACK_CHOICES), -1, dtype=np.int64)
+            for n, rows in enumerate(slack):
+                padded[n, : len(rows)] = rows
+            batch["slack"] = torch.from_numpy(padded)
+        return batch
 
 
 def word_embeddings(model: nn.Module, processor: Processor) -> torch.Tensor:
@@ -131,20 +140,52 @@ def word_embeddings(model: nn.Module, processor: Processor) -> torch.Tensor:
     return torch.stack(rows)  # (W, D)
 
 
-def align_losses(tokens: torch.Tensor, words: torch.Tensor, table: torch.Tensor) -> dict[str, torch.Tensor]:
+def word_ce(log_probs: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy (...) of log-probabilities over the words (..., W) against an even split over each token's
+    words (..., 2)."""
+    first, second = words[..., 0], words[..., 1]
+    two = second != NO_WORD
+    share = 1.0 - 0.5 * two.float()  # 1 for one word, 1/2 each for two
+    return -(share * log_probs.gather(-1, first[..., None])[..., 0]
+             + (1 - share) * log_probs.gather(-1, second.clamp(min=0)[..., None])[..., 0])
+
+
+@torch.no_grad()
+def resolve_slack(log_probs: torch.Tensor, words: torch.Tensor, slack: torch.Tensor) -> torch.Tensor:
+    """The token words (N, T, 2) with each `slack_tokens` thing (slack (N, K, 4), -1 padded) moved to the one of
+    its tokens whose cross-entropy gains least by saying it instead of " background" (log_probs (N, T, W))."""
+    rows = torch.arange(len(words), device=words.device)[:, None, None]  # (N, 1, 1)
+    tokens = slack.clamp(min=0)  # (N, K, 4)
+    said = words[rows[..., 0], tokens[..., 0]]  # (N, K, 2): the words of each thing
+    background = torch.tensor([0, NO_WORD], device=words.device)
+    lp = log_probs[rows, tokens]  # (N, K, 4, W)
+    cost = word_ce(lp, said[:, :, None].expand(-1, -1, SLACK_CHOICES, -1)) + lp[..., 0]  # (N, K, 4); word 0: background
+    best = cost.masked_fill(slack < 0, float("inf")).argmin(-1, keepdim=True)  # (N, K, 1)
+    chosen = tokens.gather(-1, best)[..., 0]  # (N, K)
+    real = slack[..., 0] >= 0  # (N, K)
+    n = rows[..., 0].expand_as(chosen)[real]
+    words = words.clone()
+    words[n, tokens[..., 0][real]] = background
+    words[n, chosen[real]] = said[real]
+    return words
+
+
+def align_losses(tokens: torch.Tensor, words: torch.Tensor, table: torch.Tensor,
+                 slack: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Image tokens (N, T, D) against their words (N, T, 2) of `token_words`: relative squared error to the sum of
     the words' embeddings; cross-entropy of the tokens' dot products with every word against an even split over
     the token's words (so each token is nearest its own), background down-weighted since it is most tokens; and
-    the share of tokens whose nearest words are exactly theirs, overall and among the tokens that say something."""
+    the share of tokens whose nearest words are exactly theirs, overall and among the tokens that say something.
+    With `slack` (`slack_tokens`, (N, K, 4)) a thing near a token border is said where `resolve_slack` puts it."""
     tokens = tokens.float()
+    log_probs = (tokens @ table.T).log_softmax(-1)  # (N, T, W)
+    if slack is not None:
+        words = resolve_slack(log_probs, words, slack)
     first, second = words[..., 0], words[..., 1]  # (N, T) each
     two = second != NO_WORD
     second = second.clamp(min=0)
     targets = table[first] + table[second] * two[..., None]  # (N, T, D)
-    log_probs = (tokens @ table.T).log_softmax(-1)  # (N, T, W)
-    share = 1.0 - 0.5 * two.float()  # (N, T): 1 for one word, 1/2 each for two
-    ce = -(share * log_probs.gather(-1, first[..., None])[..., 0]
-           + (1 - share) * log_probs.gather(-1, second[..., None])[..., 0])  # (N, T)
+    ce = word_ce(log_probs, words)  # (N, T)
     weight = torch.where(first == 0, BACKGROUND_WEIGHT, 1.0)
     top2 = log_probs.topk(2, dim=-1).indices  # (N, T, 2)
     right = torch.where(two, ((top2 == first[..., None]).any(-1) & (top2 == second[..., None]).any(-1)),
@@ -178,9 +219,11 @@ class Alignment:
         self.connector = model.connector
         self.words = word_embeddings(model, processor)  # (W, D)
 
-    def losses(self, patches: torch.Tensor, words: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Patch features (N, P, Dv) and token word ids (N, T, 2) -> the alignment losses and accuracy."""
-        return align_losses(self.connector(patches), words, self.words)
+    def losses(self, patches: torch.Tensor, words: torch.Tensor,
+               slack: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Patch features (N, P, Dv), token word ids (N, T, 2) and optional `slack_tokens` (N, K, 4) -> the
+        alignment losses and accuracy."""
+        return align_losses(self.connector(patches), words, self.words, slack)
 
 
 def scene_stage_losses(vision: nn.Module, heads: SceneHeads, align: Alignment | None,
@@ -189,7 +232,7 @@ def scene_stage_losses(vision: nn.Module, heads: SceneHeads, align: Alignment | 
     patches = vision(batch["pixel_values"])  # (N, P, Dv)
     losses = scene_losses(heads, patches, batch)
     if align is not None:
-        aligned = align.losses(patches, batch["words"])
+        aligned = align.losses(patches, batch["words"], batch.get("slack"))
         losses.update(aligned)
         losses["loss"] = losses["loss"] + aligned["align_mse"] + ALIGN_CE_WEIGHT * aligned["align_ce"]
     return losses
@@ -225,7 +268,8 @@ def train_scene(config: Any) -> dict[str, Any]:
                                   betas=(config.beta1, config.beta2))
     scenes = load_scenes(config.data)
     eval_scenes = load_scenes(config.eval_data) if config.eval_data else []
-    make_batch = SceneBatches(processor, model.config.vision.patch_size, model.config.scale_factor)
+    make_batch = SceneBatches(processor, model.config.vision.patch_size, model.config.scale_factor,
+                              config.centre_slack)
     order = random.Random(config.seed)
     epoch: list[int] = []
 

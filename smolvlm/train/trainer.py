@@ -79,6 +79,7 @@ class TrainConfig:
     lora_dropout: float = 0.0
     lora_targets: str = ""  # comma-separated regexes; empty: every projection
     continue_adapter: str = ""  # an adapter merged into --model, trained on (its rank, alpha and targets)
+    centre_slack: float = 0.0  # scene objective: px from a token border within which a thing may be said either side
     # optimisation
     max_steps: int = 100
     batch_size: int = 8  # global samples per optimizer step
@@ -141,6 +142,9 @@ class TrainConfig:
             raise ConfigError("--compile and --gradient-checkpointing do not combine here: pick one")
         if self.data_workers < 0:
             raise ConfigError(f"--data-workers must be 0 (a background thread) or more, got {self.data_workers}")
+        if self.centre_slack < 0 or (self.centre_slack and (self.objective != "scene" or self.connector != "full")):
+            raise ConfigError("--centre-slack (pixels, >= 0) places the image tokens' words: it needs --objective "
+                              f"scene and --connector full, got {self.centre_slack}")
         if self.continue_adapter and "lora" not in (self.vision, self.connector, self.text):
             raise ConfigError("--continue-adapter trains an adapter on: set the parts it adapts to lora "
                               "(e.g. --text lora)")
