@@ -118,13 +118,14 @@ def image_tokens(model: str, image: str) -> list[list[list[str]]]:
 
 def count_from_tokens(model: str, data: str) -> dict[str, float]:
     """The counting questions of a synthetic JSONL answered from the image tokens alone: the count is the tokens
-    whose nearest word is not " background" and whose two nearest words name the asked shape. Also how often a
-    counted shape is named at the token holding its centre, by the centre's distance to the token's border."""
+    whose nearest word is not " background" and whose two nearest words name the asked shape. Also, by the
+    distance of a counted shape's centre to its token's border (under 2 px: near), how often the shape is named at
+    the token holding its centre, and how often by exactly one, two or more, or none of the tokens its box covers."""
     metas = [meta for meta in metas_by_id(data).values() if meta.get("task") == "count"]
     if not metas:
         raise SystemExit(f"{data}: no counting questions; write some with `smolvlm data synth --tasks count`")
     names = token_word_list()
-    errors, named = [], defaultdict(list)
+    errors, named, times = [], defaultdict(list), defaultdict(list)
     for meta, (scene, top2, _) in zip(metas, token_top2(model, [meta["images"][0] for meta in metas])):
         shape = names.index(f" {meta['shape']}")
         says = [int(t[0] != 0 and shape in t) for t in top2.tolist()]  # (T,) token names the asked shape
@@ -134,13 +135,21 @@ def count_from_tokens(model: str, data: str) -> dict[str, float]:
         for x0, y0, x1, y1 in counted:
             cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
             edge = min(cx % cell, cell - cx % cell, cy % cell, cell - cy % cell)
-            named["near" if edge < 2 else "far"].append(says[int(cy // cell) * GRID + int(cx // cell)])
+            where = "near" if edge < 2 else "far"
+            named[where].append(says[int(cy // cell) * GRID + int(cx // cell)])
+            times[where].append(sum(says[r * GRID + c] for r in range(int(y0 // cell), int((y1 - 1) // cell) + 1)
+                                    for c in range(int(x0 // cell), int((x1 - 1) // cell) + 1)))
     n = len(errors)
-    return {"right": errors.count(0) / n, "too many": sum(e > 0 for e in errors) / n,
-            "too few": sum(e < 0 for e in errors) / n, "n": n,
-            "named at centre, centre < 2 px from a token border": sum(named["near"]) / max(1, len(named["near"])),
-            "named at centre, centre >= 2 px from it": sum(named["far"]) / max(1, len(named["far"])),
-            "shapes < 2 px from a border": len(named["near"]) / max(1, len(named["near"]) + len(named["far"]))}
+    figures = {"right": errors.count(0) / n, "too many": sum(e > 0 for e in errors) / n,
+               "too few": sum(e < 0 for e in errors) / n, "n": n,
+               "shapes < 2 px from a border": len(named["near"]) / max(1, len(named["near"]) + len(named["far"]))}
+    for where, text in (("near", "centre < 2 px from a token border"), ("far", "centre >= 2 px from it")):
+        shapes = max(1, len(times[where]))
+        figures[f"{text}: named at centre"] = sum(named[where]) / shapes
+        figures[f"{text}: named once"] = times[where].count(1) / shapes
+        figures[f"{text}: named twice or more"] = sum(t > 1 for t in times[where]) / shapes
+        figures[f"{text}: named nowhere"] = times[where].count(0) / shapes
+    return figures
 
 
 def metas_by_id(path: str) -> dict[str, dict]:

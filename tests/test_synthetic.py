@@ -347,6 +347,11 @@ def test_demo_diagnostics_counts_from_tokens_ignore_background_tokens(tmp_path, 
 
     monkeypatch.setattr(diagnostics, "token_top2", fake_top2)
     assert diagnostics.count_from_tokens("demo", str(data)) == pytest.approx(
-        {"right": 0.5, "too many": 0.5, "too few": 0.0, "n": 2,
-         "named at centre, centre < 2 px from a token border": 0.0, "named at centre, centre >= 2 px from it": 1.0,
-         "shapes < 2 px from a border": 1 / 3})
+        {"right": 0.5, "too many": 0.5, "too few": 0.0, "n": 2, "shapes < 2 px from a border": 1 / 3,
+         # the border circle's box covers tokens 0 and 1: token 0 names it; token 2 is a stray
+         "centre < 2 px from a token border: named at centre": 0.0,
+         "centre < 2 px from a token border: named once": 1.0,
+         "centre < 2 px from a token border: named twice or more": 0.0,
+         "centre < 2 px from a token border: named nowhere": 0.0,
+         "centre >= 2 px from it: named at centre": 1.0, "centre >= 2 px from it: named once": 1.0,
+         "centre >= 2 px from it: named twice or more": 0.0, "centre >= 2 px from it: named nowhere": 0.0})
