@@ -14,6 +14,7 @@
 #        STEPS3, BATCH3, N_TRAIN3, TASKS3 (stage 3: steps (0: none), batch, samples (default STEPS3 x BATCH3) and
 #        mix of its own data, seeded SEED + 61),
 #        STEPS4, BATCH4, N_TRAIN4, TASKS4 (stage 4, likewise; lr 1e-4, data seeded SEED + 63),
+#        SLACK1 (stage 1 names a shape near a token border on either side, `--centre-slack` pixels; unset as shipped),
 #        SHARDS (training data written by this many parallel `data synth` runs, shard k seeded SEED + 100k),
 #        DATA_WORKERS (processes building batches; a GPU needs several, the CPU recipe uses a background thread),
 #        COMPILE=1 (both stages torch.compile their layers: fewer, larger kernels for a GPU),
@@ -34,6 +35,7 @@ COMPILE=${COMPILE:-}
 N_TRAIN=${N_TRAIN:-6000}
 N_EVAL=${N_EVAL:-280}
 SIGNS=${SIGNS:-proportional}
+SLACK1=${SLACK1:-}
 export OMP_NUM_THREADS=${THREADS:-2}
 SHIPPED_TASKS="colour=1,exists=1,count=1.5,spatial=1,ocr=1.5,grounding=0.5,chart=1.5"
 TRAIN_TASKS=${TRAIN_TASKS:-$SHIPPED_TASKS}
@@ -50,7 +52,8 @@ TASKS4=${TASKS4:-$FOCUS_TASKS}
 define_stages() {  # the stages' arguments for the current STEPS1 / STEPS2 / STEPS3 / STEPS4
     STAGE1=(--objective scene --vision full --connector full --lr 1e-3 --weight-decay 0.05 --warmup-steps 30 --min-lr-ratio 0.05
             --batch-size "$BATCH1" --max-steps "$STEPS1" --eval-data "$WORK/data/eval.jsonl" --eval-batch-size 32
-            --seed "$SEED" --log-every 10 --data-workers "$DATA_WORKERS" ${COMPILE:+--compile})
+            --seed "$SEED" --log-every 10 --data-workers "$DATA_WORKERS" ${COMPILE:+--compile}
+            ${SLACK1:+--centre-slack "$SLACK1"})
     local answers=(--vision frozen --connector full --connector-lr 5e-5 --text lora --min-lr-ratio 0.1 --seed "$SEED"
                    --save-every 50 --keep-last 1 --log-every 1 --no-tensorboard --resume
                    --data-workers "$DATA_WORKERS" ${COMPILE:+--compile})  # what stages 2 and 3 share
@@ -102,19 +105,19 @@ fi
 [ -f "$WORK/run/final/model.safetensors" ] || \
     smolvlm train --model "$WORK/scene/final" --data "$WORK/data/train.jsonl" --out "$WORK/run" "${STAGE2[@]}"
 
-FINAL="$WORK/run/final"
-if [ "$STEPS3" -gt 0 ]; then  # stage 2's adapter (merged into run/final) trained on: still one adapter of rank 16
-    synth "$WORK/data3" "$N_TRAIN3" "$((SEED + 61))" train "$TASKS3"
-    [ -f "$WORK/run3/final/model.safetensors" ] || smolvlm train --model "$FINAL" --continue-adapter "$FINAL" \
-        --data "$WORK/data3/train.jsonl" --out "$WORK/run3" "${STAGE3[@]}"
-    FINAL="$WORK/run3/final"
-fi
-if [ "$STEPS4" -gt 0 ]; then  # the same adapter again, gently: spatial and counting gain without losing the rest
-    synth "$WORK/data4" "$N_TRAIN4" "$((SEED + 63))" train "$TASKS4"
-    [ -f "$WORK/run4/final/model.safetensors" ] || smolvlm train --model "$FINAL" --continue-adapter "$FINAL" \
-        --data "$WORK/data4/train.jsonl" --out "$WORK/run4" "${STAGE4[@]}"
-    FINAL="$WORK/run4/final"
-fi
+FINAL="$WORK/run/final"  # the weights so far
+ADAPTER="$FINAL"  # the folder of the adapter merged into them: still stage 2's one adapter of rank 16
+answers_stage() {  # answers_stage K N TASKS SEED_OFFSET: stage K trains the adapter on, on data of its own
+    local k=$1
+    local -n args="STAGE$k"
+    synth "$WORK/data$k" "$2" "$((SEED + $4))" train "$3"
+    [ -f "$WORK/run$k/final/model.safetensors" ] || smolvlm train --model "$FINAL" --continue-adapter "$ADAPTER" \
+        --data "$WORK/data$k/train.jsonl" --out "$WORK/run$k" "${args[@]}"
+    FINAL="$WORK/run$k/final"
+    ADAPTER="$FINAL"
+}
+[ "$STEPS3" -eq 0 ] || answers_stage 3 "$N_TRAIN3" "$TASKS3" 61
+[ "$STEPS4" -eq 0 ] || answers_stage 4 "$N_TRAIN4" "$TASKS4" 63  # gently: spatial and counting gain, the rest kept
 
 # Ship the trained tensors, then score the demo exactly as users get it (assembled from the shipped files).
 python -m smolvlm.demo export --run "$FINAL"
@@ -124,29 +127,20 @@ end=$(date +%s)
 COMMAND="SEED=$SEED STEPS1=$STEPS1 STEPS2=$STEPS2 BATCH1=$BATCH1 BATCH=$BATCH N_TRAIN=$N_TRAIN SHARDS=$SHARDS"
 COMMAND="$COMMAND DATA_WORKERS=$DATA_WORKERS${COMPILE:+ COMPILE=$COMPILE}"
 [ "$SIGNS" = proportional ] || COMMAND="$COMMAND SIGNS=$SIGNS"
+[ -z "$SLACK1" ] || COMMAND="$COMMAND SLACK1=$SLACK1"
 [ "$TRAIN_TASKS" = "$SHIPPED_TASKS" ] || COMMAND="$COMMAND TRAIN_TASKS=$TRAIN_TASKS"
-STAGE3_TEXT=""  # the recipe names stage 3 only when it ran
-if [ "$STEPS3" -gt 0 ]; then
-    COMMAND="$COMMAND STEPS3=$STEPS3 BATCH3=$BATCH3 N_TRAIN3=$N_TRAIN3"
-    [ "$TASKS3" = "$FOCUS_TASKS" ] || COMMAND="$COMMAND TASKS3=$TASKS3"
-    STAGE3_TEXT="${STAGE3[*]}"
-fi
-STAGE4_TEXT=""
-if [ "$STEPS4" -gt 0 ]; then
-    COMMAND="$COMMAND STEPS4=$STEPS4 BATCH4=$BATCH4 N_TRAIN4=$N_TRAIN4"
-    [ "$TASKS4" = "$FOCUS_TASKS" ] || COMMAND="$COMMAND TASKS4=$TASKS4"
-    STAGE4_TEXT="${STAGE4[*]}"
-fi
-COMMAND="$COMMAND scripts/train_demo.sh"
-RECIPE=$(python -c 'import json, sys; recipe = {"command": sys.argv[7], "train_tasks": sys.argv[1],
-    "n_train": int(sys.argv[2]), "eval_tasks": sys.argv[3], "n_eval": int(sys.argv[4]),
-    "stage1": "smolvlm train " + sys.argv[5], "stage2": "smolvlm train " + sys.argv[6]}
-if sys.argv[8]:
-    recipe.update(stage3_tasks=sys.argv[9], n_train3=int(sys.argv[10]), stage3="smolvlm train " + sys.argv[8])
-if sys.argv[11]:
-    recipe.update(stage4_tasks=sys.argv[12], n_train4=int(sys.argv[13]), stage4="smolvlm train " + sys.argv[11])
-print(json.dumps(recipe))' \
-    "$TRAIN_TASKS" "$N_TRAIN" "$EVAL_TASKS" "$N_EVAL" "${STAGE1[*]}" "${STAGE2[*]}" "$COMMAND" "$STAGE3_TEXT" \
-    "$TASKS3" "$N_TRAIN3" "$STAGE4_TEXT" "$TASKS4" "$N_TRAIN4")
+FIELDS=(command= train_tasks="$TRAIN_TASKS" n_train="$N_TRAIN" eval_tasks="$EVAL_TASKS" n_eval="$N_EVAL"
+        stage1="smolvlm train ${STAGE1[*]}" stage2="smolvlm train ${STAGE2[*]}")  # the manifest's recipe
+for k in 3 4; do  # the command and the recipe name a later stage only when it ran
+    steps="STEPS$k" batch="BATCH$k" n="N_TRAIN$k" tasks="TASKS$k" stage="STAGE$k[*]"
+    [ "${!steps}" -gt 0 ] || continue
+    COMMAND="$COMMAND $steps=${!steps} $batch=${!batch} $n=${!n}"
+    [ "${!tasks}" = "$FOCUS_TASKS" ] || COMMAND="$COMMAND $tasks=${!tasks}"
+    FIELDS+=("stage${k}_tasks=${!tasks}" "n_train$k=${!n}" "stage$k=smolvlm train ${!stage}")
+done
+FIELDS[0]="command=$COMMAND scripts/train_demo.sh"
+RECIPE=$(python -c 'import json, sys
+fields = (arg.split("=", 1) for arg in sys.argv[1:])
+print(json.dumps({key: int(value) if key.startswith("n_") else value for key, value in fields}))' "${FIELDS[@]}")
 python -m smolvlm.demo manifest --report "$WORK/eval.json" --eval-data "$WORK/data/eval.jsonl" --recipe "$RECIPE" \
     --seed "$SEED" --wall-time "$((end - start))"

@@ -1,0 +1,115 @@
+"""scripts/train_demo.sh runs its stages in order, each from the last one's weights, and records what it ran.
+
+The `smolvlm` command and `python -m smolvlm.demo` are stand-ins here that log their arguments and write the files the
+next stage looks for, so the script's wiring is checked in a second, with no training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+FAKE_SMOLVLM = """#!/usr/bin/env bash
+echo "smolvlm $*" >> "$CALLS"
+out=""; split=""
+while [ $# -gt 0 ]; do
+    case "$1" in --out) out=$2; shift;; --split) split=$2; shift;; esac
+    shift
+done
+if [ -n "$split" ]; then
+    mkdir -p "$out" && touch "$out/$split.jsonl"
+else
+    mkdir -p "$out/final" && touch "$out/final/model.safetensors"
+fi
+"""
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+if [ "$1 $2" = "-m smolvlm.demo" ]; then
+    echo "demo ${*:3}" >> "$CALLS"
+    if [ "$3" = base ]; then mkdir -p "$5" && touch "$5/model.safetensors"; fi
+    if [ "$3" = manifest ]; then
+        shift 3
+        while [ "$1" != --recipe ]; do shift; done
+        printf '%s' "$2" > "$RECIPE_OUT"
+    fi
+    exit 0
+fi
+exec PYTHON "$@"
+"""
+
+
+def run_script(tmp_path: Path, **env: str) -> tuple[list[list[str]], dict]:
+    """Run train_demo.sh with stand-ins; its calls (argument lists) and the recipe it gave the manifest."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("smolvlm", FAKE_SMOLVLM), ("python", FAKE_PYTHON.replace("PYTHON", sys.executable))):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    calls, recipe = tmp_path / "calls.txt", tmp_path / "recipe.json"
+    full_env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(calls), "RECIPE_OUT": str(recipe),
+                **env}
+    subprocess.run(["bash", str(ROOT / "scripts" / "train_demo.sh"), str(tmp_path / "w")], env=full_env,
+                   check=True, capture_output=True, text=True)
+    return [shlex.split(line) for line in calls.read_text().splitlines()], json.loads(recipe.read_text())
+
+
+def flag(call: list[str], name: str) -> str:
+    return call[call.index(name) + 1]
+
+
+def test_every_stage_starts_from_the_last_ones_weights_and_the_recipe_names_them(tmp_path):
+    calls, recipe = run_script(tmp_path, STEPS1="3", STEPS2="4", STEPS3="5", STEPS4="6", N_TRAIN="20", N_EVAL="7",
+                               TASKS4="count=1")
+    w = tmp_path / "w"
+    trains = [c for c in calls if c[:2] == ["smolvlm", "train"]]
+    assert [(flag(c, "--model"), flag(c, "--out"), flag(c, "--max-steps")) for c in trains] == [
+        (f"{w}/base", f"{w}/scene", "3"), (f"{w}/scene/final", f"{w}/run", "4"),
+        (f"{w}/run/final", f"{w}/run3", "5"), (f"{w}/run3/final", f"{w}/run4", "6")]
+    scene, answers, stage3, stage4 = trains
+    assert flag(scene, "--objective") == "scene" and "--objective" not in answers
+    assert [flag(c, "--continue-adapter") for c in (stage3, stage4)] == [f"{w}/run/final", f"{w}/run3/final"]
+    assert [flag(c, "--lr") for c in trains] == ["1e-3", "5e-4", "3e-4", "1e-4"]
+    synths = {flag(c, "--out"): (flag(c, "--n"), flag(c, "--seed"), flag(c, "--tasks"))
+              for c in calls if c[1:3] == ["data", "synth"] and flag(c, "--split") == "train"}
+    assert synths[f"{w}/data3"][:2] == ("40", "61") and synths[f"{w}/data4"] == ("48", "63", "count=1")
+    assert [c[1] for c in calls if c[0] == "demo"] == ["base", "export", "manifest"]
+    assert flag([c for c in calls if c[:2] == ["demo", "export"]][0], "--run") == f"{w}/run4/final"
+    assert recipe["command"] == ("SEED=0 STEPS1=3 STEPS2=4 BATCH1=32 BATCH=8 N_TRAIN=20 SHARDS=1 DATA_WORKERS=0 "
+                                 "STEPS3=5 BATCH3=8 N_TRAIN3=40 STEPS4=6 BATCH4=8 N_TRAIN4=48 TASKS4=count=1 "
+                                 "scripts/train_demo.sh")
+    assert recipe["n_train3"] == 40 and recipe["n_train4"] == 48 and recipe["n_eval"] == 7
+    assert recipe["stage4_tasks"] == "count=1" and recipe["stage3_tasks"] == synths[f"{w}/data3"][2]
+    assert recipe["stage4"] == "smolvlm train " + " ".join(stage4[stage4.index("--vision"):])
+
+
+def test_the_shipped_command_gives_the_shipped_recipe(tmp_path):
+    shipped = json.loads((ROOT / "smolvlm" / "assets" / "demo" / "manifest.json").read_text())["recipe"]
+    settings = dict(part.split("=", 1) for part in shipped["command"].split()[:-1])
+    _, recipe = run_script(tmp_path, **settings)
+    where = str(tmp_path / "w")
+    recipe = {key: value.replace(where, "/tmp/demo") if isinstance(value, str) else value
+              for key, value in recipe.items()}  # the shipped run worked in /tmp/demo
+    assert recipe == shipped
+
+
+def test_stages_left_at_zero_steps_are_neither_run_nor_recorded(tmp_path):
+    calls, recipe = run_script(tmp_path, STEPS1="3", STEPS2="4")
+    assert sum(c[:2] == ["smolvlm", "train"] for c in calls) == 2
+    assert not any("--centre-slack" in c for c in calls)
+    assert not any(key.startswith(("stage3", "stage4", "stage5", "stage6", "n_train3")) for key in recipe)
+    assert recipe["command"].endswith("DATA_WORKERS=0 scripts/train_demo.sh")
+
+
+def test_stage_1_takes_a_centre_slack_and_records_it(tmp_path):
+    calls, recipe = run_script(tmp_path, STEPS1="3", STEPS2="4", SLACK1="2.5")
+    scene, answers = [c for c in calls if c[:2] == ["smolvlm", "train"]]
+    assert flag(scene, "--centre-slack") == "2.5" and "--centre-slack" not in answers
+    assert "SIGNS" not in recipe["command"] and " SLACK1=2.5 " in recipe["command"]
+    assert "--centre-slack 2.5" in recipe["stage1"]
