@@ -30,10 +30,12 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from smolvlm.api import load
+from smolvlm.errors import SmolVLMError
 from smolvlm.train.data import Collator, load_jsonl
 from smolvlm.train.lora import LoRAConfig, apply_lora
 from smolvlm.train.scene_labels import (
@@ -288,6 +290,22 @@ def breakdown(report_path: str, data_path: str) -> dict[str, dict[str, float]]:
     return {key: {"right": sum(scores) / len(scores), "n": len(scores)} for key, scores in sorted(groups.items())}
 
 
+def figures(args: argparse.Namespace) -> Any:
+    """Run the chosen subcommand; its figures."""
+    if args.command == "collisions":
+        return collisions(args.signs, args.n)
+    if args.command == "tokens":
+        return token_accuracy(args.model, args.data, args.limit)
+    if args.command == "count-tokens":
+        return count_from_tokens(args.model, args.data)
+    if args.command == "breakdown":
+        return breakdown(args.report, args.data)
+    if args.command == "image-tokens":
+        return image_tokens(args.model, args.image)
+    return oracle(args.model, args.train, args.eval, args.task, args.layout, args.steps, args.lr, args.batch_size,
+                  args.seed, args.n_eval, args.device, args.every)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse the subcommand and print its figures."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -324,19 +342,11 @@ def main(argv: list[str] | None = None) -> int:
     for p in (c, t, k, i, o, b):
         p.add_argument("--json", action="store_true", help="one JSON line instead of a table")
     args = parser.parse_args(argv)
-    if args.command == "collisions":
-        result = collisions(args.signs, args.n)
-    elif args.command == "tokens":
-        result = token_accuracy(args.model, args.data, args.limit)
-    elif args.command == "count-tokens":
-        result = count_from_tokens(args.model, args.data)
-    elif args.command == "breakdown":
-        result = breakdown(args.report, args.data)
-    elif args.command == "image-tokens":
-        result = image_tokens(args.model, args.image)
-    else:
-        result = oracle(args.model, args.train, args.eval, args.task, args.layout, args.steps, args.lr,
-                        args.batch_size, args.seed, args.n_eval, args.device, args.every)
+    try:
+        result = figures(args)
+    except (OSError, SmolVLMError) as e:  # a missing or unreadable file or model: one line, as `smolvlm` gives
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(result))
     elif args.command in ("tokens", "breakdown"):
@@ -349,8 +359,9 @@ def main(argv: list[str] | None = None) -> int:
                 if words[0] != background:
                     print(f"row {r} col {c}: {''.join(words)}")
     elif isinstance(result, dict):
+        width = max(map(len, result))
         for key, value in result.items():
-            print(f"{key:<28} {value:.4g}")
+            print(f"{key:<{width}}  {value:.4g}")
     else:
         for row in result:
             print(f"step {row['step']:>4}  loss {row['loss']:.3f}  exact {100 * row['exact']:5.1f}%  "

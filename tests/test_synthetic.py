@@ -355,3 +355,10 @@ def test_demo_diagnostics_counts_from_tokens_ignore_background_tokens(tmp_path, 
          "centre < 2 px from a token border: named nowhere": 0.0,
          "centre >= 2 px from it: named at centre": 1.0, "centre >= 2 px from it: named once": 1.0,
          "centre >= 2 px from it: named twice or more": 0.0, "centre >= 2 px from it: named nowhere": 0.0})
+
+
+def test_demo_diagnostics_name_a_missing_file_in_one_line(tmp_path, capsys):
+    diagnostics = _diagnostics()
+    assert diagnostics.main(["count-tokens", "--data", str(tmp_path / "none.jsonl")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "none.jsonl" in err and "Traceback" not in err
