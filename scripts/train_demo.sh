@@ -56,7 +56,7 @@ define_stages() {  # the stages' arguments for the current STEPS1 / STEPS2 / STE
             ${SLACK1:+--centre-slack "$SLACK1"})
     local answers=(--vision frozen --connector full --connector-lr 5e-5 --text lora --min-lr-ratio 0.1 --seed "$SEED"
                    --save-every 50 --keep-last 1 --log-every 1 --no-tensorboard --resume
-                   --data-workers "$DATA_WORKERS" ${COMPILE:+--compile})  # what stages 2 and 3 share
+                   --data-workers "$DATA_WORKERS" ${COMPILE:+--compile})  # what the answer stages (2, 3 and 4) share
     STAGE2=("${answers[@]}" --lora-r 16 --lora-alpha 32 --lr 5e-4 --warmup-steps 20 --max-steps "$STEPS2"
             --batch-size "$BATCH")
     STAGE3=("${answers[@]}" --lr 3e-4 --warmup-steps 10 --max-steps "$STEPS3" --batch-size "$BATCH3")
