@@ -127,7 +127,7 @@ def count_from_tokens(model: str, data: str) -> dict[str, float]:
     if not metas:
         raise SystemExit(f"{data}: no counting questions; write some with `smolvlm data synth --tasks count`")
     names = token_word_list()
-    errors, named, times = [], defaultdict(list), defaultdict(list)
+    errors, shapes = [], defaultdict(list)  # near / far: (named at its centre, tokens naming it) of each shape
     for meta, (scene, top2, _) in zip(metas, token_top2(model, [meta["images"][0] for meta in metas])):
         shape = names.index(f" {meta['shape']}")
         says = [int(t[0] != 0 and shape in t) for t in top2.tolist()]  # (T,) token names the asked shape
@@ -137,20 +137,19 @@ def count_from_tokens(model: str, data: str) -> dict[str, float]:
         for x0, y0, x1, y1 in counted:
             cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
             edge = min(cx % cell, cell - cx % cell, cy % cell, cell - cy % cell)
-            where = "near" if edge < 2 else "far"
-            named[where].append(says[int(cy // cell) * GRID + int(cx // cell)])
-            times[where].append(sum(says[r * GRID + c] for r in range(int(y0 // cell), int((y1 - 1) // cell) + 1)
-                                    for c in range(int(x0 // cell), int((x1 - 1) // cell) + 1)))
+            covered = sum(says[r * GRID + c] for r in range(int(y0 // cell), int((y1 - 1) // cell) + 1)
+                          for c in range(int(x0 // cell), int((x1 - 1) // cell) + 1))
+            shapes["near" if edge < 2 else "far"].append((says[int(cy // cell) * GRID + int(cx // cell)], covered))
     n = len(errors)
     figures = {"right": errors.count(0) / n, "too many": sum(e > 0 for e in errors) / n,
                "too few": sum(e < 0 for e in errors) / n, "n": n,
-               "shapes < 2 px from a border": len(named["near"]) / max(1, len(named["near"]) + len(named["far"]))}
+               "shapes < 2 px from a border": len(shapes["near"]) / max(1, len(shapes["near"]) + len(shapes["far"]))}
     for where, text in (("near", "centre < 2 px from a token border"), ("far", "centre >= 2 px from it")):
-        shapes = max(1, len(times[where]))
-        figures[f"{text}: named at centre"] = sum(named[where]) / shapes
-        figures[f"{text}: named once"] = times[where].count(1) / shapes
-        figures[f"{text}: named twice or more"] = sum(t > 1 for t in times[where]) / shapes
-        figures[f"{text}: named nowhere"] = times[where].count(0) / shapes
+        total = max(1, len(shapes[where]))
+        figures[f"{text}: named at centre"] = sum(centre for centre, _ in shapes[where]) / total
+        figures[f"{text}: named once"] = sum(times == 1 for _, times in shapes[where]) / total
+        figures[f"{text}: named twice or more"] = sum(times > 1 for _, times in shapes[where]) / total
+        figures[f"{text}: named nowhere"] = sum(times == 0 for _, times in shapes[where]) / total
     return figures
 
 
