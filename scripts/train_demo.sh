@@ -6,6 +6,10 @@
 #   -> stage 2 `smolvlm train` on the answers: LoRA on the language model, the connector at a low rate
 #   -> stage 3 (STEPS3 > 0): stage 2's adapter trained on, on a mix that weighs the weak tasks up (TASKS3)
 #   -> stage 4 (STEPS4 > 0): the same adapter trained on at a third of the rate, on data of its own (TASKS4)
+#   -> stage 5 (STEPS5 > 0): the scene objective once more, from those weights (tower and connector; the language
+#      model and the adapter merged into it untouched), on scenes of its own, with a centre slack (SLACK5)
+#   -> stage 6 (STEPS6 > 0, needs stage 5): the adapter trained on over the new tokens, on stage 5's data
+#   -> stages 7 and 8 (STEPS7, STEPS8 > 0): the adapter trained on gently on mixes weighing the bar charts up
 #   -> export (vision/connector, LoRA) -> `smolvlm eval` of the demo as users get it -> manifest.
 # Usage: scripts/train_demo.sh [WORK_DIR]
 #   env: SEED, STEPS1, STEPS2, BATCH1 (stage 1), BATCH (stage 2), N_TRAIN, N_EVAL, THREADS,
@@ -14,6 +18,9 @@
 #        STEPS3, BATCH3, N_TRAIN3, TASKS3 (stage 3: steps (0: none), batch, samples (default STEPS3 x BATCH3) and
 #        mix of its own data, seeded SEED + 61),
 #        STEPS4, BATCH4, N_TRAIN4, TASKS4 (stage 4, likewise; lr 1e-4, data seeded SEED + 63),
+#        STEPS5, BATCH5, N_TRAIN5, TASKS5, SLACK5 (stage 5, likewise; lr 3e-4, data seeded SEED + 65),
+#        STEPS6, BATCH6 (stage 6; lr 3e-4, on stage 5's data), STEPS7, BATCH7, N_TRAIN7, TASKS7 and STEPS8, BATCH8,
+#        N_TRAIN8, TASKS8 (stages 7 and 8; lr 1e-4, data seeded SEED + 67 and SEED + 69),
 #        SLACK1 (stage 1 names a shape near a token border on either side, `--centre-slack` pixels; unset as shipped),
 #        SHARDS (training data written by this many parallel `data synth` runs, shard k seeded SEED + 100k),
 #        DATA_WORKERS (processes building batches; a GPU needs several, the CPU recipe uses a background thread),
@@ -49,18 +56,46 @@ STEPS4=${STEPS4:-0}
 BATCH4=${BATCH4:-8}
 N_TRAIN4=${N_TRAIN4:-$((STEPS4 * BATCH4))}
 TASKS4=${TASKS4:-$FOCUS_TASKS}
-define_stages() {  # the stages' arguments for the current STEPS1 / STEPS2 / STEPS3 / STEPS4
+STEPS5=${STEPS5:-0}
+BATCH5=${BATCH5:-32}
+N_TRAIN5=${N_TRAIN5:-$((STEPS5 * BATCH5))}
+TASKS5=${TASKS5:-$FOCUS_TASKS}
+SLACK5=${SLACK5:-}
+STEPS6=${STEPS6:-0}
+BATCH6=${BATCH6:-8}
+CHARTS_UP="colour=1,exists=2,count=2.5,spatial=2,chart=4,ocr=0.25,grounding=0.25"  # the shipped stage 7
+CHARTS_MOSTLY="colour=0.5,exists=1,count=1,spatial=1,chart=4"  # the shipped stage 8
+STEPS7=${STEPS7:-0}
+BATCH7=${BATCH7:-8}
+N_TRAIN7=${N_TRAIN7:-$((STEPS7 * BATCH7))}
+TASKS7=${TASKS7:-$CHARTS_UP}
+STEPS8=${STEPS8:-0}
+BATCH8=${BATCH8:-8}
+N_TRAIN8=${N_TRAIN8:-$((STEPS8 * BATCH8))}
+TASKS8=${TASKS8:-$CHARTS_MOSTLY}
+DEFAULT_TASKS=([3]="$FOCUS_TASKS" [4]="$FOCUS_TASKS" [5]="$FOCUS_TASKS" [7]="$CHARTS_UP" [8]="$CHARTS_MOSTLY")
+if [ "$STEPS6" -gt 0 ] && [ "$STEPS5" -eq 0 ]; then
+    echo "train_demo.sh: stage 6 trains on stage 5's data; set STEPS5 too" >&2
+    exit 2
+fi
+define_stages() {  # the stages' arguments for the current STEPS1 ... STEPS8
     STAGE1=(--objective scene --vision full --connector full --lr 1e-3 --weight-decay 0.05 --warmup-steps 30 --min-lr-ratio 0.05
             --batch-size "$BATCH1" --max-steps "$STEPS1" --eval-data "$WORK/data/eval.jsonl" --eval-batch-size 32
             --seed "$SEED" --log-every 10 --data-workers "$DATA_WORKERS" ${COMPILE:+--compile}
             ${SLACK1:+--centre-slack "$SLACK1"})
     local answers=(--vision frozen --connector full --connector-lr 5e-5 --text lora --min-lr-ratio 0.1 --seed "$SEED"
                    --save-every 50 --keep-last 1 --log-every 1 --no-tensorboard --resume
-                   --data-workers "$DATA_WORKERS" ${COMPILE:+--compile})  # what the answer stages (2, 3 and 4) share
+                   --data-workers "$DATA_WORKERS" ${COMPILE:+--compile})  # what the answer stages (2-4, 6-8) share
     STAGE2=("${answers[@]}" --lora-r 16 --lora-alpha 32 --lr 5e-4 --warmup-steps 20 --max-steps "$STEPS2"
             --batch-size "$BATCH")
     STAGE3=("${answers[@]}" --lr 3e-4 --warmup-steps 10 --max-steps "$STEPS3" --batch-size "$BATCH3")
     STAGE4=("${answers[@]}" --lr 1e-4 --warmup-steps 10 --max-steps "$STEPS4" --batch-size "$BATCH4")
+    STAGE5=(--objective scene --vision full --connector full --lr 3e-4 --weight-decay 0.05 --warmup-steps 30
+            --min-lr-ratio 0.05 --batch-size "$BATCH5" --max-steps "$STEPS5" --seed "$SEED" --log-every 10
+            --data-workers "$DATA_WORKERS" ${COMPILE:+--compile} ${SLACK5:+--centre-slack "$SLACK5"})
+    STAGE6=("${answers[@]}" --lr 3e-4 --warmup-steps 10 --max-steps "$STEPS6" --batch-size "$BATCH6")
+    STAGE7=("${answers[@]}" --lr 1e-4 --warmup-steps 10 --max-steps "$STEPS7" --batch-size "$BATCH7")
+    STAGE8=("${answers[@]}" --lr 1e-4 --warmup-steps 10 --max-steps "$STEPS8" --batch-size "$BATCH8")
 }
 define_stages
 start=$(date +%s)
@@ -107,17 +142,31 @@ fi
 
 FINAL="$WORK/run/final"  # the weights so far
 ADAPTER="$FINAL"  # the folder of the adapter merged into them: still stage 2's one adapter of rank 16
-answers_stage() {  # answers_stage K N TASKS SEED_OFFSET: stage K trains the adapter on, on data of its own
+own_data() {  # own_data K SEED_OFFSET: stage K's data of its own, N_TRAINk samples of TASKSk
+    local n="N_TRAIN$1" tasks="TASKS$1"
+    synth "$WORK/data$1" "${!n}" "$((SEED + $2))" train "${!tasks}"
+}
+answers_stage() {  # answers_stage K DATA: stage K trains the adapter on, on DATA (a `data synth` folder)
     local k=$1
     local -n args="STAGE$k"
-    synth "$WORK/data$k" "$2" "$((SEED + $4))" train "$3"
     [ -f "$WORK/run$k/final/model.safetensors" ] || smolvlm train --model "$FINAL" --continue-adapter "$ADAPTER" \
-        --data "$WORK/data$k/train.jsonl" --out "$WORK/run$k" "${args[@]}"
+        --data "$2/train.jsonl" --out "$WORK/run$k" "${args[@]}"
     FINAL="$WORK/run$k/final"
     ADAPTER="$FINAL"
 }
-[ "$STEPS3" -eq 0 ] || answers_stage 3 "$N_TRAIN3" "$TASKS3" 61
-[ "$STEPS4" -eq 0 ] || answers_stage 4 "$N_TRAIN4" "$TASKS4" 63  # gently: spatial and counting gain, the rest kept
+scene_stage() {  # scene_stage K DATA: stage K trains the tower and connector on; ADAPTER is still what FINAL holds
+    local k=$1
+    local -n args="STAGE$k"
+    [ -f "$WORK/scene$k/final/model.safetensors" ] || smolvlm train --model "$FINAL" --data "$2/train.jsonl" \
+        --out "$WORK/scene$k" "${args[@]}"
+    FINAL="$WORK/scene$k/final"
+}
+[ "$STEPS3" -eq 0 ] || { own_data 3 61; answers_stage 3 "$WORK/data3"; }
+[ "$STEPS4" -eq 0 ] || { own_data 4 63; answers_stage 4 "$WORK/data4"; }  # gently: spatial and counting gain
+[ "$STEPS5" -eq 0 ] || { own_data 5 65; scene_stage 5 "$WORK/data5"; }  # counting tokens with a centre slack
+[ "$STEPS6" -eq 0 ] || answers_stage 6 "$WORK/data5"  # the language model learns to read the new tokens
+[ "$STEPS7" -eq 0 ] || { own_data 7 67; answers_stage 7 "$WORK/data7"; }  # stages 7 and 8: the bar charts back
+[ "$STEPS8" -eq 0 ] || { own_data 8 69; answers_stage 8 "$WORK/data8"; }
 
 # Ship the trained tensors, then score the demo exactly as users get it (assembled from the shipped files).
 python -m smolvlm.demo export --run "$FINAL"
@@ -131,12 +180,17 @@ COMMAND="$COMMAND DATA_WORKERS=$DATA_WORKERS${COMPILE:+ COMPILE=$COMPILE}"
 [ "$TRAIN_TASKS" = "$SHIPPED_TASKS" ] || COMMAND="$COMMAND TRAIN_TASKS=$TRAIN_TASKS"
 FIELDS=(command= train_tasks="$TRAIN_TASKS" n_train="$N_TRAIN" eval_tasks="$EVAL_TASKS" n_eval="$N_EVAL"
         stage1="smolvlm train ${STAGE1[*]}" stage2="smolvlm train ${STAGE2[*]}")  # the manifest's recipe
-for k in 3 4; do  # the command and the recipe name a later stage only when it ran
+for k in 3 4 5 6 7 8; do  # the command and the recipe name a later stage only when it ran
     steps="STEPS$k" batch="BATCH$k" n="N_TRAIN$k" tasks="TASKS$k" stage="STAGE$k[*]"
     [ "${!steps}" -gt 0 ] || continue
-    COMMAND="$COMMAND $steps=${!steps} $batch=${!batch} $n=${!n}"
-    [ "${!tasks}" = "$FOCUS_TASKS" ] || COMMAND="$COMMAND $tasks=${!tasks}"
-    FIELDS+=("stage${k}_tasks=${!tasks}" "n_train$k=${!n}" "stage$k=smolvlm train ${!stage}")
+    COMMAND="$COMMAND $steps=${!steps} $batch=${!batch}"
+    if [ -n "${DEFAULT_TASKS[$k]:-}" ]; then  # a stage with data of its own (stage 6 has stage 5's)
+        COMMAND="$COMMAND $n=${!n}"
+        [ "${!tasks}" = "${DEFAULT_TASKS[$k]}" ] || COMMAND="$COMMAND $tasks=${!tasks}"
+        FIELDS+=("stage${k}_tasks=${!tasks}" "n_train$k=${!n}")
+    fi
+    [ "$k" -ne 5 ] || [ -z "$SLACK5" ] || COMMAND="$COMMAND SLACK5=$SLACK5"
+    FIELDS+=("stage$k=smolvlm train ${!stage}")
 done
 FIELDS[0]="command=$COMMAND scripts/train_demo.sh"
 RECIPE=$(python -c 'import json, sys

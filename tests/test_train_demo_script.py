@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,6 +89,39 @@ def test_every_stage_starts_from_the_last_ones_weights_and_the_recipe_names_them
     assert recipe["n_train3"] == 40 and recipe["n_train4"] == 48 and recipe["n_eval"] == 7
     assert recipe["stage4_tasks"] == "count=1" and recipe["stage3_tasks"] == synths[f"{w}/data3"][2]
     assert recipe["stage4"] == "smolvlm train " + " ".join(stage4[stage4.index("--vision"):])
+
+
+def test_the_later_stages_chain_scene_and_answer_stages_and_the_recipe_names_them(tmp_path):
+    calls, recipe = run_script(tmp_path, STEPS1="3", STEPS2="4", STEPS5="5", N_TRAIN5="50", SLACK5="3", STEPS6="6",
+                               STEPS7="7", STEPS8="8", TASKS8="chart=1")
+    w = tmp_path / "w"
+    trains = [c for c in calls if c[:2] == ["smolvlm", "train"]]
+    assert [(flag(c, "--model"), flag(c, "--out"), flag(c, "--data")) for c in trains[2:]] == [
+        (f"{w}/run/final", f"{w}/scene5", f"{w}/data5/train.jsonl"),
+        (f"{w}/scene5/final", f"{w}/run6", f"{w}/data5/train.jsonl"),
+        (f"{w}/run6/final", f"{w}/run7", f"{w}/data7/train.jsonl"),
+        (f"{w}/run7/final", f"{w}/run8", f"{w}/data8/train.jsonl")]
+    scene5, stage6, stage7, stage8 = trains[2:]
+    assert flag(scene5, "--objective") == "scene" and flag(scene5, "--centre-slack") == "3"
+    assert "--continue-adapter" not in scene5  # the tower and connector only; the adapter stays merged as it was
+    assert [flag(c, "--continue-adapter") for c in (stage6, stage7, stage8)] == [
+        f"{w}/run/final", f"{w}/run6/final", f"{w}/run7/final"]
+    assert [flag(c, "--lr") for c in trains[2:]] == ["3e-4", "3e-4", "1e-4", "1e-4"]
+    synths = {flag(c, "--out"): (flag(c, "--n"), flag(c, "--seed"))
+              for c in calls if c[1:3] == ["data", "synth"] and flag(c, "--split") == "train"}
+    assert synths == {f"{w}/data": ("6000", "0"), f"{w}/data5": ("50", "65"), f"{w}/data7": ("56", "67"),
+                      f"{w}/data8": ("64", "69")}
+    assert flag([c for c in calls if c[:2] == ["demo", "export"]][0], "--run") == f"{w}/run8/final"
+    assert recipe["command"].endswith("STEPS5=5 BATCH5=32 N_TRAIN5=50 SLACK5=3 STEPS6=6 BATCH6=8 STEPS7=7 BATCH7=8 "
+                                      "N_TRAIN7=56 STEPS8=8 BATCH8=8 N_TRAIN8=64 TASKS8=chart=1 scripts/train_demo.sh")
+    assert "stage6_tasks" not in recipe and recipe["n_train5"] == 50 and recipe["stage8_tasks"] == "chart=1"
+    assert recipe["stage5"] == "smolvlm train " + " ".join(scene5[scene5.index("--objective"):])
+
+
+def test_stage_6_without_stage_5_is_refused(tmp_path):
+    with pytest.raises(subprocess.CalledProcessError) as refused:
+        run_script(tmp_path, STEPS1="3", STEPS2="4", STEPS6="6")
+    assert refused.value.returncode == 2 and "set STEPS5" in refused.value.stderr
 
 
 def test_the_shipped_command_gives_the_shipped_recipe(tmp_path):
