@@ -268,7 +268,8 @@ def exact_match(m, collator: Collator, samples: list[tuple], oracle_tokens: Orac
 
 
 def breakdown(report_path: str, data_path: str) -> dict[str, dict[str, float]]:
-    """Exact match of an eval report's spatial answers per axis and counting answers per true count."""
+    """Exact match of an eval report's spatial answers per axis, counting answers per true count, and largest-bar
+    answers by whether the two tallest bars' centres share a row of image tokens."""
     try:
         report = json.loads(Path(report_path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
@@ -276,7 +277,8 @@ def breakdown(report_path: str, data_path: str) -> dict[str, dict[str, float]]:
     meta = metas_by_id(data_path)
     if not isinstance(report, dict) or "predictions" not in report:
         raise SystemExit(f"{report_path}: no predictions; write the report with `smolvlm eval ... --out`")
-    missing = [p["id"] for p in report["predictions"] if p["task"] in ("spatial", "count") and p["id"] not in meta]
+    missing = [p["id"] for p in report["predictions"]
+               if p["task"] in ("spatial", "count", "chart") and p["id"] not in meta]
     if missing:
         raise SystemExit(f"{report_path}: {len(missing)} predictions (e.g. {missing[0]}) are not in {data_path}; "
                          "pass the eval JSONL that the report scored")
@@ -286,6 +288,12 @@ def breakdown(report_path: str, data_path: str) -> dict[str, dict[str, float]]:
             groups[f"spatial, {meta[p['id']]['axis']}"].append(p["score"])
         elif p["task"] == "count":
             groups[f"count, {p['reference']}"].append(p["score"])
+        elif p["task"] == "chart" and meta[p["id"]].get("question") == "largest":
+            scene = meta[p["id"]]["images"][0]
+            token = scene["size"][1] / GRID
+            first, second = sorted((y0 + y1) / 2 // token for _, y0, _, y1 in (b["box"] for b in scene["bars"]))[:2]
+            groups["largest bar, " + ("top two in one token row" if first == second else "top two in two rows")
+                   ].append(p["score"])
     return {key: {"right": sum(scores) / len(scores), "n": len(scores)} for key, scores in sorted(groups.items())}
 
 

@@ -288,19 +288,30 @@ def test_demo_diagnostics_breakdown_splits_spatial_by_axis_and_count_by_truth(tm
     data = tmp_path / "eval.jsonl"
     rows = [("a", "spatial", {"axis": "horizontal"}), ("b", "spatial", {"axis": "horizontal"}),
             ("c", "spatial", {"axis": "vertical"}), ("d", "count", {"shape": "star"}), ("e", "colour", {})]
+
+    def bars(*tops: int) -> dict:  # a largest-bar question's meta: bars from each top down to y = 200
+        return {"question": "largest", "images": [{"size": [256, 256], "bars": [
+            {"box": [40 * k, top, 40 * k + 20, 200]} for k, top in enumerate(tops)]}]}
+    rows += [("f", "chart", bars(100, 40, 36)), ("g", "chart", bars(100, 40, 120)),  # centres 120/118; 120/150
+             ("h", "chart", {"question": "value"})]
     data.write_text("".join(json.dumps({"id": i, "task": t, "meta": {"task": t, **m}}) + "\n" for i, t, m in rows))
     predictions = [{"id": "a", "task": "spatial", "prediction": "left", "reference": "left", "score": 1.0},
                    {"id": "b", "task": "spatial", "prediction": "left", "reference": "right", "score": 0.0},
                    {"id": "c", "task": "spatial", "prediction": "above", "reference": "above", "score": 1.0},
                    {"id": "d", "task": "count", "prediction": "2", "reference": "3", "score": 0.0},
-                   {"id": "e", "task": "colour", "prediction": "red", "reference": "red", "score": 1.0}]
+                   {"id": "e", "task": "colour", "prediction": "red", "reference": "red", "score": 1.0},
+                   {"id": "f", "task": "chart", "prediction": "B", "reference": "C", "score": 0.0},
+                   {"id": "g", "task": "chart", "prediction": "B", "reference": "B", "score": 1.0},
+                   {"id": "h", "task": "chart", "prediction": "3", "reference": "5", "score": 0.0}]
     report = tmp_path / "report.json"
     report.write_text(json.dumps({"table": {}, "skipped": 0, "predictions": predictions}))
     out = subprocess.run([sys.executable, str(root / "scripts" / "demo_diagnostics.py"), "breakdown", "--report",
                           str(report), "--data", str(data), "--json"], capture_output=True, text=True, check=True,
                          cwd=root).stdout
     assert json.loads(out) == {"count, 3": {"right": 0.0, "n": 1}, "spatial, horizontal": {"right": 0.5, "n": 2},
-                               "spatial, vertical": {"right": 1.0, "n": 1}}
+                               "spatial, vertical": {"right": 1.0, "n": 1},
+                               "largest bar, top two in one token row": {"right": 0.0, "n": 1},
+                               "largest bar, top two in two rows": {"right": 1.0, "n": 1}}
 
 
 def _diagnostics():
