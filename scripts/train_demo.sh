@@ -47,33 +47,34 @@ export OMP_NUM_THREADS=${THREADS:-2}
 SHIPPED_TASKS="colour=1,exists=1,count=1.5,spatial=1,ocr=1.5,grounding=0.5,chart=1.5"
 TRAIN_TASKS=${TRAIN_TASKS:-$SHIPPED_TASKS}
 EVAL_TASKS="colour,exists,count,spatial,ocr,grounding,chart"
+FOCUS_TASKS="colour=1,exists=1.5,count=2.5,spatial=3,chart=2,ocr=0.25,grounding=0.25"  # the shipped stage 3
+CHARTS_UP="colour=1,exists=2,count=2.5,spatial=2,chart=4,ocr=0.25,grounding=0.25"  # the shipped stage 7
+CHARTS_MOSTLY="colour=0.5,exists=1,count=1,spatial=1,chart=4"  # the shipped stage 8
+# the mix of each later stage with data of its own (stage 6 trains on stage 5's)
+DEFAULT_TASKS=([3]="$FOCUS_TASKS" [4]="$FOCUS_TASKS" [5]="$FOCUS_TASKS" [7]="$CHARTS_UP" [8]="$CHARTS_MOSTLY")
 STEPS3=${STEPS3:-0}
 BATCH3=${BATCH3:-8}
 N_TRAIN3=${N_TRAIN3:-$((STEPS3 * BATCH3))}  # default: every sample seen once
-FOCUS_TASKS="colour=1,exists=1.5,count=2.5,spatial=3,chart=2,ocr=0.25,grounding=0.25"  # the shipped stage 3
-TASKS3=${TASKS3:-$FOCUS_TASKS}
+TASKS3=${TASKS3:-${DEFAULT_TASKS[3]}}
 STEPS4=${STEPS4:-0}
 BATCH4=${BATCH4:-8}
 N_TRAIN4=${N_TRAIN4:-$((STEPS4 * BATCH4))}
-TASKS4=${TASKS4:-$FOCUS_TASKS}
+TASKS4=${TASKS4:-${DEFAULT_TASKS[4]}}
 STEPS5=${STEPS5:-0}
 BATCH5=${BATCH5:-32}
 N_TRAIN5=${N_TRAIN5:-$((STEPS5 * BATCH5))}
-TASKS5=${TASKS5:-$FOCUS_TASKS}
+TASKS5=${TASKS5:-${DEFAULT_TASKS[5]}}
 SLACK5=${SLACK5:-}
 STEPS6=${STEPS6:-0}
 BATCH6=${BATCH6:-8}
-CHARTS_UP="colour=1,exists=2,count=2.5,spatial=2,chart=4,ocr=0.25,grounding=0.25"  # the shipped stage 7
-CHARTS_MOSTLY="colour=0.5,exists=1,count=1,spatial=1,chart=4"  # the shipped stage 8
 STEPS7=${STEPS7:-0}
 BATCH7=${BATCH7:-8}
 N_TRAIN7=${N_TRAIN7:-$((STEPS7 * BATCH7))}
-TASKS7=${TASKS7:-$CHARTS_UP}
+TASKS7=${TASKS7:-${DEFAULT_TASKS[7]}}
 STEPS8=${STEPS8:-0}
 BATCH8=${BATCH8:-8}
 N_TRAIN8=${N_TRAIN8:-$((STEPS8 * BATCH8))}
-TASKS8=${TASKS8:-$CHARTS_MOSTLY}
-DEFAULT_TASKS=([3]="$FOCUS_TASKS" [4]="$FOCUS_TASKS" [5]="$FOCUS_TASKS" [7]="$CHARTS_UP" [8]="$CHARTS_MOSTLY")
+TASKS8=${TASKS8:-${DEFAULT_TASKS[8]}}
 if [ "$STEPS6" -gt 0 ] && [ "$STEPS5" -eq 0 ]; then
     echo "train_demo.sh: stage 6 trains on stage 5's data; set STEPS5 too" >&2
     exit 2
