@@ -16,7 +16,10 @@
         a `smolvlm eval --out` report split further: spatial by axis, counting by the true count
 
 `oracle` layouts add words to each shape's token: `plain` colour + shape, `col` + its column digit, `ord` + its
-ordinal among the shapes of its kind in reading order. Scripts' own figures go to stdout; `--json` for one JSON line.
+ordinal among the shapes of its kind in reading order, `half` + which half of its token the shape's centre lies in
+across (" west"/" east") and down (" north"/" south"), `grid` + the 16-px column and row of its centre (" zero" to
+" fifteen", " first" to " sixteenth"); `--task grounding` scores boxes by IoU >= 0.5, the other tasks token for
+token. Scripts' own figures go to stdout; `--json` for one JSON line.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import torch
 
 from smolvlm.api import load
 from smolvlm.errors import SmolVLMError
+from smolvlm.eval.metrics import score
 from smolvlm.train.data import Collator, load_jsonl
 from smolvlm.train.lora import LoRAConfig, apply_lora
 from smolvlm.train.scene_labels import (
@@ -46,6 +50,11 @@ from smolvlm.train.scene_pretrain import SceneBatches, load_scenes, word_embeddi
 from smolvlm.train.synthetic import SHAPES, SIGN_LAYOUTS, split_sample
 
 GRID = 8  # the demo's image tokens per side (256-px picture, 32-px tokens)
+HALF_WORDS = ((" west", " east"), (" north", " south"))  # `half` layout; words no synthetic question uses
+GRID_WORDS = tuple([f" {w}" for w in words.split()] for words in (  # `grid` layout: 16-px column, then row
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen",
+    "first second third fourth fifth sixth seventh eighth ninth tenth eleventh twelfth thirteenth fourteenth fifteenth"
+    " sixteenth"))
 
 
 def collisions(signs: str, n: int) -> dict[str, float]:
@@ -195,6 +204,12 @@ class OracleTokens:
                     vector = vector + self.word(str(col))
                 elif self.layout == "ord":
                     vector = vector + self.word(str(seen[SHAPES[shape]]))
+                elif self.layout == "half":  # which half of its token the centre lies in, across and down
+                    vector = vector + self.word(HALF_WORDS[0][int(x % cell >= cell / 2)])
+                    vector = vector + self.word(HALF_WORDS[1][int(y % cell >= cell / 2)])
+                elif self.layout == "grid":  # where the centre is, to half a token, in words of its own per axis
+                    across, down = GRID_WORDS[0][int(x) * 2 // cell], GRID_WORDS[1][int(y) * 2 // cell]
+                    vector = vector + self.word(across) + self.word(down)
             else:
                 continue
             taken.add(at)
@@ -239,7 +254,7 @@ def oracle(model: str, train_path: str, eval_path: str, task: str, layout: str, 
         loss.backward()
         optimizer.step()
         if step % every == 0 or step == steps:
-            exact = exact_match(m, collator, eval_set, oracle_tokens, tokenizer)
+            exact = exact_match(m, collator, eval_set, oracle_tokens, tokenizer, task)
             report.append({"step": step, "loss": float(loss.detach()), "exact": exact,
                            "seconds": time.perf_counter() - start})
             print(json.dumps(report[-1]), file=sys.stderr)
@@ -247,24 +262,34 @@ def oracle(model: str, train_path: str, eval_path: str, task: str, layout: str, 
 
 
 @torch.no_grad()
-def exact_match(m, collator: Collator, samples: list[tuple], oracle_tokens: OracleTokens, tokenizer) -> float:
-    """Greedy answers (no cache: they are a few tokens) against the references."""
+def exact_match(m, collator: Collator, samples: list[tuple], oracle_tokens: OracleTokens, tokenizer,
+                task: str) -> float:
+    """Greedy answers (no cache: they are a few tokens) against the references: token for token, or for grounding
+    a box with IoU >= 0.5 (a few tokens of slack, since coordinates vary in digits)."""
     m.eval()
     device = m.lm_head.weight.device
     right = 0
     for sample, scene in samples:
         messages = sample.conversation()
         ids = collator.processor.encode_chat([messages[:1]], add_generation_prompt=True).input_ids.to(device)
-        wanted = tokenizer.encode(messages[1]["content"][0]["text"], add_special_tokens=False)
+        reference = messages[1]["content"][0]["text"]
+        wanted = tokenizer.encode(reference, add_special_tokens=False)
         features = oracle_tokens(scene)[None]  # (1, T_img, D)
         produced = []
-        for _ in range(len(wanted)):
+        for _ in range(len(wanted) + (4 if task == "grounding" else 0)):
             logits = m(ids, torch.ones_like(ids), image_features=features).logits[0, -1]
             produced.append(int(logits.argmax()))
             ids = torch.cat([ids, ids.new_tensor([[produced[-1]]])], dim=1)
-        right += produced == wanted
+        right += answer_right(task, produced, wanted, reference, tokenizer.decode)
     m.train()
     return right / len(samples)
+
+
+def answer_right(task: str, produced: list[int], wanted: list[int], reference: str, decode) -> float:
+    """1.0 when a greedy answer is right: token for token, or for grounding a box with IoU >= 0.5."""
+    if task == "grounding":
+        return score("grounding", decode(produced), reference)
+    return float(produced == wanted)
 
 
 def breakdown(report_path: str, data_path: str) -> dict[str, dict[str, float]]:
@@ -334,8 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("-m", "--model", required=True, help="the untrained base (`python -m smolvlm.demo base`)")
     o.add_argument("--train", required=True)
     o.add_argument("--eval", required=True)
-    o.add_argument("--task", required=True, choices=("ocr", "count", "spatial", "colour", "exists"))
-    o.add_argument("--layout", default="plain", choices=("plain", "col", "ord"))
+    o.add_argument("--task", required=True, choices=("ocr", "count", "spatial", "colour", "exists", "grounding"))
+    o.add_argument("--layout", default="plain", choices=("plain", "col", "ord", "half", "grid"))
     o.add_argument("--steps", type=int, default=150)
     o.add_argument("--lr", type=float, default=5e-4)
     o.add_argument("--batch-size", type=int, default=8)

@@ -368,6 +368,34 @@ def test_demo_diagnostics_counts_from_tokens_ignore_background_tokens(tmp_path, 
          "centre >= 2 px from it: named twice or more": 0.0, "centre >= 2 px from it: named nowhere": 0.0})
 
 
+@pytest.mark.parametrize("layout, extra", [("plain", []), ("half", [" east", " south"]),
+                                           ("grid", [" three", " second"])])
+def test_demo_diagnostics_oracle_tokens_say_where_a_shape_is(layout, extra):
+    diagnostics = _diagnostics()
+    words = [" background", " red", " circle", *diagnostics.HALF_WORDS[0], *diagnostics.HALF_WORDS[1],
+             *diagnostics.GRID_WORDS[0], *diagnostics.GRID_WORDS[1]]
+    table = torch.randn(len(words), 8)
+    oracle_tokens = diagnostics.OracleTokens(table, lambda text: [words.index(text)], layout)
+    # centre (50, 18): token 1 (row 0, column 1 of 32-px tokens), the east and south half of it, 16-px column 3, row 1
+    scene = {"size": [256, 256], "objects": [{"shape": "circle", "colour": "red", "box": [40, 8, 60, 28]}]}
+    tokens = oracle_tokens(scene)  # (64, 8)
+    said = [" red", " circle", *extra]
+    assert torch.allclose(tokens[1], table[[words.index(w) for w in said]].sum(0))
+    assert torch.equal(tokens[torch.arange(64) != 1], table[0].expand(63, 8))
+
+
+def test_demo_diagnostics_oracle_scores_boxes_by_overlap():
+    answer_right = _diagnostics().answer_right
+    reference = "<ref>red circle</ref><box>(100,100),(300,300)</box>"
+    decode = {1: "<ref>red circle</ref><box>(110,90),(310,290)</box>", 2: "<ref>red circle</ref><box>(300,300),"
+              "(500,500)</box>", 3: "<ref>red circle</ref><box>(100,100),(300,"}.get
+    assert answer_right("grounding", [1], [9], reference, lambda ids: decode(ids[0])) == 1.0  # IoU 0.82
+    assert answer_right("grounding", [2], [9], reference, lambda ids: decode(ids[0])) == 0.0  # no overlap
+    assert answer_right("grounding", [3], [9], reference, lambda ids: decode(ids[0])) == 0.0  # cut short: no box
+    assert answer_right("count", [5, 6], [5, 6], "3", decode) == 1.0
+    assert answer_right("count", [5, 7], [5, 6], "3", decode) == 0.0
+
+
 def test_demo_diagnostics_name_a_missing_file_in_one_line(tmp_path, capsys):
     diagnostics = _diagnostics()
     assert diagnostics.main(["count-tokens", "--data", str(tmp_path / "none.jsonl")]) == 1
