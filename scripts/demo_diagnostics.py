@@ -192,6 +192,8 @@ class OracleTokens:
             placed.append((row * GRID + col, col, inst))
         taken: set[int] = set()
         for at, col, inst in sorted(placed, key=lambda p: p[0]):
+            x, y = inst.centre()
+            across, down = int(x) * 2 // cell, int(y) * 2 // cell  # the centre's 16-px column and row
             if CHAR_CLASSES <= inst.label < BAR_CLASSES:  # token_words' rule, but a character never loses its token
                 while at in taken and at + 1 < GRID * GRID:
                     at += 1
@@ -205,11 +207,9 @@ class OracleTokens:
                 elif self.layout == "ord":
                     vector = vector + self.word(str(seen[SHAPES[shape]]))
                 elif self.layout == "half":  # which half of its token the centre lies in, across and down
-                    vector = vector + self.word(HALF_WORDS[0][int(x % cell >= cell / 2)])
-                    vector = vector + self.word(HALF_WORDS[1][int(y % cell >= cell / 2)])
+                    vector = vector + self.word(HALF_WORDS[0][across % 2]) + self.word(HALF_WORDS[1][down % 2])
                 elif self.layout == "grid":  # where the centre is, to half a token, in words of its own per axis
-                    across, down = GRID_WORDS[0][int(x) * 2 // cell], GRID_WORDS[1][int(y) * 2 // cell]
-                    vector = vector + self.word(across) + self.word(down)
+                    vector = vector + self.word(GRID_WORDS[0][across]) + self.word(GRID_WORDS[1][down])
             else:
                 continue
             taken.add(at)

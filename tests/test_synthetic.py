@@ -368,20 +368,24 @@ def test_demo_diagnostics_counts_from_tokens_ignore_background_tokens(tmp_path, 
          "centre >= 2 px from it: named twice or more": 0.0, "centre >= 2 px from it: named nowhere": 0.0})
 
 
-@pytest.mark.parametrize("layout, extra", [("plain", []), ("half", [" east", " south"]),
-                                           ("grid", [" three", " second"])])
-def test_demo_diagnostics_oracle_tokens_say_where_a_shape_is(layout, extra):
+@pytest.mark.parametrize("layout, extra, extra_second", [
+    ("plain", [], []), ("half", [" east", " south"], [" west", " north"]),
+    ("grid", [" three", " second"], [" twelve", " thirteenth"])])
+def test_demo_diagnostics_oracle_tokens_say_where_a_shape_is(layout, extra, extra_second):
     diagnostics = _diagnostics()
-    words = [" background", " red", " circle", *diagnostics.HALF_WORDS[0], *diagnostics.HALF_WORDS[1],
-             *diagnostics.GRID_WORDS[0], *diagnostics.GRID_WORDS[1]]
+    words = [" background", " red", " circle", " blue", " square", *diagnostics.HALF_WORDS[0],
+             *diagnostics.HALF_WORDS[1], *diagnostics.GRID_WORDS[0], *diagnostics.GRID_WORDS[1]]
     table = torch.randn(len(words), 8)
     oracle_tokens = diagnostics.OracleTokens(table, lambda text: [words.index(text)], layout)
-    # centre (50, 18): token 1 (row 0, column 1 of 32-px tokens), the east and south half of it, 16-px column 3, row 1
-    scene = {"size": [256, 256], "objects": [{"shape": "circle", "colour": "red", "box": [40, 8, 60, 28]}]}
+    # centre (50, 18): token 1 (row 0, column 1 of 32-px tokens), the east and south half of it, 16-px column 3, row 1;
+    # centre (200, 200): token 54 (row 6, column 6), its west and north half, 16-px column 12, row 12
+    scene = {"size": [256, 256], "objects": [{"shape": "circle", "colour": "red", "box": [40, 8, 60, 28]},
+                                             {"shape": "square", "colour": "blue", "box": [190, 190, 210, 210]}]}
     tokens = oracle_tokens(scene)  # (64, 8)
-    said = [" red", " circle", *extra]
-    assert torch.allclose(tokens[1], table[[words.index(w) for w in said]].sum(0))
-    assert torch.equal(tokens[torch.arange(64) != 1], table[0].expand(63, 8))
+    for at, said in ((1, [" red", " circle", *extra]), (54, [" blue", " square", *extra_second])):
+        assert torch.allclose(tokens[at], table[[words.index(w) for w in said]].sum(0))
+    others = (torch.arange(64) != 1) & (torch.arange(64) != 54)
+    assert torch.equal(tokens[others], table[0].expand(62, 8))
 
 
 def test_demo_diagnostics_oracle_scores_boxes_by_overlap():
