@@ -10,6 +10,9 @@
 #      model and the adapter merged into it untouched), on scenes of its own, with a centre slack (SLACK5)
 #   -> stage 6 (STEPS6 > 0, needs stage 5): the adapter trained on over the new tokens, on stage 5's data
 #   -> stages 7 and 8 (STEPS7, STEPS8 > 0): the adapter trained on gently on mixes weighing the bar charts up
+#   -> stage 9 (STEPS9 > 0): the scene objective again, as stage 5, longer, on scenes of its own (SLACK9)
+#   -> stage 10 (STEPS10 > 0): the adapter over those tokens, on a mix weighing counting and the bar charts up
+#   -> stage 11 (STEPS11 > 0): the adapter once more, gently, on fresh samples of stage 10's mix
 #   -> export (vision/connector, LoRA) -> `smolvlm eval` of the demo as users get it -> manifest.
 # Usage: scripts/train_demo.sh [WORK_DIR]
 #   env: SEED, STEPS1, STEPS2, BATCH1 (stage 1), BATCH (stage 2), N_TRAIN, N_EVAL, THREADS,
@@ -21,6 +24,10 @@
 #        STEPS5, BATCH5, N_TRAIN5, TASKS5, SLACK5 (stage 5, likewise; lr 3e-4, data seeded SEED + 65),
 #        STEPS6, BATCH6 (stage 6; lr 3e-4, on stage 5's data), STEPS7, BATCH7, N_TRAIN7, TASKS7 and STEPS8, BATCH8,
 #        N_TRAIN8, TASKS8 (stages 7 and 8; lr 1e-4, data seeded SEED + 67 and SEED + 69),
+#        STEPS9, BATCH9, N_TRAIN9, TASKS9, SLACK9 (stage 9, as stage 5; data seeded SEED + 81), STEPS10, BATCH10,
+#        N_TRAIN10, TASKS10 (stage 10; lr 2e-4, data seeded SEED + 83), STEPS11, BATCH11, N_TRAIN11, TASKS11 (stage
+#        11; lr 1e-4, data seeded SEED + 89);
+#        a stage's batch defaults to 32 for the scene stages (5, 9), else 8, its samples to STEPSk x BATCHk,
 #        SLACK1 (stage 1 names a shape near a token border on either side, `--centre-slack` pixels; unset as shipped),
 #        SHARDS (training data written by this many parallel `data synth` runs, shard k seeded SEED + 100k),
 #        DATA_WORKERS (processes building batches; a GPU needs several, the CPU recipe uses a background thread),
@@ -40,7 +47,7 @@ SHARDS=${SHARDS:-1}
 DATA_WORKERS=${DATA_WORKERS:-0}
 COMPILE=${COMPILE:-}
 N_TRAIN=${N_TRAIN:-6000}
-N_EVAL=${N_EVAL:-280}
+N_EVAL=${N_EVAL:-1400}  # 200 questions a task; the first 280 are the eval split scored before stage 9
 SIGNS=${SIGNS:-proportional}
 SLACK1=${SLACK1:-}
 export OMP_NUM_THREADS=${THREADS:-2}
@@ -50,53 +57,52 @@ EVAL_TASKS="colour,exists,count,spatial,ocr,grounding,chart"
 FOCUS_TASKS="colour=1,exists=1.5,count=2.5,spatial=3,chart=2,ocr=0.25,grounding=0.25"  # the shipped stage 3
 CHARTS_UP="colour=1,exists=2,count=2.5,spatial=2,chart=4,ocr=0.25,grounding=0.25"  # the shipped stage 7
 CHARTS_MOSTLY="colour=0.5,exists=1,count=1,spatial=1,chart=4"  # the shipped stage 8
+COUNT_CHARTS="colour=1,exists=2,count=3,spatial=2,chart=4,ocr=0.25,grounding=0.25"  # the shipped stages 10 and 11
+LATER_STAGES=(3 4 5 6 7 8 9 10 11)
+SCENE_STAGES=" 5 9 "  # the later stages of the scene objective
 # the mix of each later stage with data of its own (stage 6 trains on stage 5's)
-DEFAULT_TASKS=([3]="$FOCUS_TASKS" [4]="$FOCUS_TASKS" [5]="$FOCUS_TASKS" [7]="$CHARTS_UP" [8]="$CHARTS_MOSTLY")
-STEPS3=${STEPS3:-0}
-BATCH3=${BATCH3:-8}
-N_TRAIN3=${N_TRAIN3:-$((STEPS3 * BATCH3))}  # default: every sample seen once
-TASKS3=${TASKS3:-${DEFAULT_TASKS[3]}}
-STEPS4=${STEPS4:-0}
-BATCH4=${BATCH4:-8}
-N_TRAIN4=${N_TRAIN4:-$((STEPS4 * BATCH4))}
-TASKS4=${TASKS4:-${DEFAULT_TASKS[4]}}
-STEPS5=${STEPS5:-0}
-BATCH5=${BATCH5:-32}
-N_TRAIN5=${N_TRAIN5:-$((STEPS5 * BATCH5))}
-TASKS5=${TASKS5:-${DEFAULT_TASKS[5]}}
+DEFAULT_TASKS=([3]="$FOCUS_TASKS" [4]="$FOCUS_TASKS" [5]="$FOCUS_TASKS" [7]="$CHARTS_UP" [8]="$CHARTS_MOSTLY"
+               [9]="$FOCUS_TASKS" [10]="$COUNT_CHARTS" [11]="$COUNT_CHARTS")
+for k in "${LATER_STAGES[@]}"; do  # STEPSk (0: no stage k), BATCHk, and for data of its own N_TRAINk and TASKSk
+    steps="STEPS$k" batch="BATCH$k" n="N_TRAIN$k" tasks="TASKS$k"
+    printf -v "$steps" '%s' "${!steps:-0}"
+    if [[ "$SCENE_STAGES" == *" $k "* ]]; then printf -v "$batch" '%s' "${!batch:-32}"
+    else printf -v "$batch" '%s' "${!batch:-8}"; fi
+    if [ -n "${DEFAULT_TASKS[$k]:-}" ]; then
+        printf -v "$n" '%s' "${!n:-$((${!steps} * ${!batch}))}"  # default: every sample seen once
+        printf -v "$tasks" '%s' "${!tasks:-${DEFAULT_TASKS[$k]}}"
+    fi
+done
 SLACK5=${SLACK5:-}
-STEPS6=${STEPS6:-0}
-BATCH6=${BATCH6:-8}
-STEPS7=${STEPS7:-0}
-BATCH7=${BATCH7:-8}
-N_TRAIN7=${N_TRAIN7:-$((STEPS7 * BATCH7))}
-TASKS7=${TASKS7:-${DEFAULT_TASKS[7]}}
-STEPS8=${STEPS8:-0}
-BATCH8=${BATCH8:-8}
-N_TRAIN8=${N_TRAIN8:-$((STEPS8 * BATCH8))}
-TASKS8=${TASKS8:-${DEFAULT_TASKS[8]}}
+SLACK9=${SLACK9:-}
 if [ "$STEPS6" -gt 0 ] && [ "$STEPS5" -eq 0 ]; then
     echo "train_demo.sh: stage 6 trains on stage 5's data; set STEPS5 too" >&2
     exit 2
 fi
-define_stages() {  # the stages' arguments for the current STEPS1 ... STEPS8
+scene_args() {  # scene_args STEPS BATCH SLACK: a later scene stage's arguments (stages 5 and 9)
+    echo --objective scene --vision full --connector full --lr 3e-4 --weight-decay 0.05 --warmup-steps 30 \
+         --min-lr-ratio 0.05 --batch-size "$2" --max-steps "$1" --seed "$SEED" --log-every 10 \
+         --data-workers "$DATA_WORKERS" ${COMPILE:+--compile} ${3:+--centre-slack "$3"}
+}
+define_stages() {  # the stages' arguments for the current STEPS1 ... STEPS11
     STAGE1=(--objective scene --vision full --connector full --lr 1e-3 --weight-decay 0.05 --warmup-steps 30 --min-lr-ratio 0.05
             --batch-size "$BATCH1" --max-steps "$STEPS1" --eval-data "$WORK/data/eval.jsonl" --eval-batch-size 32
             --seed "$SEED" --log-every 10 --data-workers "$DATA_WORKERS" ${COMPILE:+--compile}
             ${SLACK1:+--centre-slack "$SLACK1"})
     local answers=(--vision frozen --connector full --connector-lr 5e-5 --text lora --min-lr-ratio 0.1 --seed "$SEED"
                    --save-every 50 --keep-last 1 --log-every 1 --no-tensorboard --resume
-                   --data-workers "$DATA_WORKERS" ${COMPILE:+--compile})  # what the answer stages (2-4, 6-8) share
+                   --data-workers "$DATA_WORKERS" ${COMPILE:+--compile})  # what the answer stages share
     STAGE2=("${answers[@]}" --lora-r 16 --lora-alpha 32 --lr 5e-4 --warmup-steps 20 --max-steps "$STEPS2"
             --batch-size "$BATCH")
     STAGE3=("${answers[@]}" --lr 3e-4 --warmup-steps 10 --max-steps "$STEPS3" --batch-size "$BATCH3")
     STAGE4=("${answers[@]}" --lr 1e-4 --warmup-steps 10 --max-steps "$STEPS4" --batch-size "$BATCH4")
-    STAGE5=(--objective scene --vision full --connector full --lr 3e-4 --weight-decay 0.05 --warmup-steps 30
-            --min-lr-ratio 0.05 --batch-size "$BATCH5" --max-steps "$STEPS5" --seed "$SEED" --log-every 10
-            --data-workers "$DATA_WORKERS" ${COMPILE:+--compile} ${SLACK5:+--centre-slack "$SLACK5"})
+    read -r -a STAGE5 <<< "$(scene_args "$STEPS5" "$BATCH5" "$SLACK5")"
     STAGE6=("${answers[@]}" --lr 3e-4 --warmup-steps 10 --max-steps "$STEPS6" --batch-size "$BATCH6")
     STAGE7=("${answers[@]}" --lr 1e-4 --warmup-steps 10 --max-steps "$STEPS7" --batch-size "$BATCH7")
     STAGE8=("${answers[@]}" --lr 1e-4 --warmup-steps 10 --max-steps "$STEPS8" --batch-size "$BATCH8")
+    read -r -a STAGE9 <<< "$(scene_args "$STEPS9" "$BATCH9" "$SLACK9")"
+    STAGE10=("${answers[@]}" --lr 2e-4 --warmup-steps 10 --max-steps "$STEPS10" --batch-size "$BATCH10")
+    STAGE11=("${answers[@]}" --lr 1e-4 --warmup-steps 10 --max-steps "$STEPS11" --batch-size "$BATCH11")
 }
 define_stages
 start=$(date +%s)
@@ -168,6 +174,9 @@ scene_stage() {  # scene_stage K DATA: stage K trains the tower and connector on
 [ "$STEPS6" -eq 0 ] || answers_stage 6 "$WORK/data5"  # the language model learns to read the new tokens
 [ "$STEPS7" -eq 0 ] || { own_data 7 67; answers_stage 7 "$WORK/data7"; }  # stages 7 and 8: the bar charts back
 [ "$STEPS8" -eq 0 ] || { own_data 8 69; answers_stage 8 "$WORK/data8"; }
+[ "$STEPS9" -eq 0 ] || { own_data 9 81; scene_stage 9 "$WORK/data9"; }  # longer: counting from the tokens 80% -> 90%
+[ "$STEPS10" -eq 0 ] || { own_data 10 83; answers_stage 10 "$WORK/data10"; }
+[ "$STEPS11" -eq 0 ] || { own_data 11 89; answers_stage 11 "$WORK/data11"; }
 
 # Ship the trained tensors, then score the demo exactly as users get it (assembled from the shipped files).
 python -m smolvlm.demo export --run "$FINAL"
@@ -181,7 +190,7 @@ COMMAND="$COMMAND DATA_WORKERS=$DATA_WORKERS${COMPILE:+ COMPILE=$COMPILE}"
 [ "$TRAIN_TASKS" = "$SHIPPED_TASKS" ] || COMMAND="$COMMAND TRAIN_TASKS=$TRAIN_TASKS"
 FIELDS=(command= train_tasks="$TRAIN_TASKS" n_train="$N_TRAIN" eval_tasks="$EVAL_TASKS" n_eval="$N_EVAL"
         stage1="smolvlm train ${STAGE1[*]}" stage2="smolvlm train ${STAGE2[*]}")  # the manifest's recipe
-for k in 3 4 5 6 7 8; do  # the command and the recipe name a later stage only when it ran
+for k in "${LATER_STAGES[@]}"; do  # the command and the recipe name a later stage only when it ran
     steps="STEPS$k" batch="BATCH$k" n="N_TRAIN$k" tasks="TASKS$k" stage="STAGE$k[*]"
     [ "${!steps}" -gt 0 ] || continue
     COMMAND="$COMMAND $steps=${!steps} $batch=${!batch}"
@@ -190,7 +199,8 @@ for k in 3 4 5 6 7 8; do  # the command and the recipe name a later stage only w
         [ "${!tasks}" = "${DEFAULT_TASKS[$k]}" ] || COMMAND="$COMMAND $tasks=${!tasks}"
         FIELDS+=("stage${k}_tasks=${!tasks}" "n_train$k=${!n}")
     fi
-    [ "$k" -ne 5 ] || [ -z "$SLACK5" ] || COMMAND="$COMMAND SLACK5=$SLACK5"
+    slack="SLACK$k"  # the scene stages' centre slack
+    [[ "$SCENE_STAGES" != *" $k "* ]] || [ -z "${!slack}" ] || COMMAND="$COMMAND $slack=${!slack}"
     FIELDS+=("stage$k=smolvlm train ${!stage}")
 done
 FIELDS[0]="command=$COMMAND scripts/train_demo.sh"
