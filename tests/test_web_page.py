@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import os
@@ -11,6 +12,7 @@ import pytest
 
 from checkpoints import write_tiny_checkpoint
 from smolvlm.api import load
+from smolvlm.serve import app as server_app
 from smolvlm.serve.app import ServerSettings, create_app
 from test_server import random_image, serving
 
@@ -29,7 +31,21 @@ def _png(image) -> bytes:
     return buffer.getvalue()
 
 
-def test_upload_paste_ask_and_stream(tmp_path):
+def paced_events(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """The server waits `seconds` after each streamed event, so that every event reaches the page in a read of its own
+    (a tiny model can produce its whole answer before the browser's first read, which would then hold every delta)."""
+    events = server_app._sse
+
+    async def paced(*args, **kwargs):
+        async for event in events(*args, **kwargs):
+            yield event
+            await asyncio.sleep(seconds)
+
+    monkeypatch.setattr(server_app, "_sse", paced)
+
+
+def test_upload_paste_ask_and_stream(tmp_path, monkeypatch):
+    paced_events(monkeypatch, 0.05)
     vlm = load(write_tiny_checkpoint(tmp_path / "tiny"), device="cpu")
     image, pasted = random_image(5), random_image(6, (50, 50))
     question = "What is in this picture?"
