@@ -13,6 +13,7 @@
 #   -> stage 9 (STEPS9 > 0): the scene objective again, as stage 5, longer, on scenes of its own (SLACK9)
 #   -> stage 10 (STEPS10 > 0): the adapter over those tokens, on a mix weighing counting and the bar charts up
 #   -> stage 11 (STEPS11 > 0): the adapter once more, gently, on fresh samples of stage 10's mix
+#   -> stage 12 (STEPS12 > 0): the adapter on a mix of mostly counting questions
 #   -> export (vision/connector, LoRA) -> `smolvlm eval` of the demo as users get it -> manifest.
 # Usage: scripts/train_demo.sh [WORK_DIR]
 #   env: SEED, STEPS1, STEPS2, BATCH1 (stage 1), BATCH (stage 2), N_TRAIN, N_EVAL, THREADS,
@@ -26,7 +27,7 @@
 #        N_TRAIN8, TASKS8 (stages 7 and 8; lr 1e-4, data seeded SEED + 67 and SEED + 69),
 #        STEPS9, BATCH9, N_TRAIN9, TASKS9, SLACK9 (stage 9, as stage 5; data seeded SEED + 81), STEPS10, BATCH10,
 #        N_TRAIN10, TASKS10 (stage 10; lr 2e-4, data seeded SEED + 83), STEPS11, BATCH11, N_TRAIN11, TASKS11 (stage
-#        11; lr 1e-4, data seeded SEED + 89);
+#        11; lr 1e-4, data seeded SEED + 89), STEPS12, BATCH12, N_TRAIN12, TASKS12 (stage 12; lr 2e-4, SEED + 91);
 #        a stage's batch defaults to 32 for the scene stages (5, 9), else 8, its samples to STEPSk x BATCHk,
 #        SLACK1 (stage 1 names a shape near a token border on either side, `--centre-slack` pixels; unset as shipped),
 #        SHARDS (training data written by this many parallel `data synth` runs, shard k seeded SEED + 100k),
@@ -58,11 +59,13 @@ FOCUS_TASKS="colour=1,exists=1.5,count=2.5,spatial=3,chart=2,ocr=0.25,grounding=
 CHARTS_UP="colour=1,exists=2,count=2.5,spatial=2,chart=4,ocr=0.25,grounding=0.25"  # the shipped stage 7
 CHARTS_MOSTLY="colour=0.5,exists=1,count=1,spatial=1,chart=4"  # the shipped stage 8
 COUNT_CHARTS="colour=1,exists=2,count=3,spatial=2,chart=4,ocr=0.25,grounding=0.25"  # the shipped stages 10 and 11
-LATER_STAGES=(3 4 5 6 7 8 9 10 11)
+COUNT_MOSTLY="colour=0.5,exists=1,count=5,spatial=1,chart=3"  # the shipped stage 12
+LATER_STAGES=(3 4 5 6 7 8 9 10 11 12)
 SCENE_STAGES=" 5 9 "  # the later stages of the scene objective
 # the mix of each later stage with data of its own (stage 6 trains on stage 5's)
 DEFAULT_TASKS=([3]="$FOCUS_TASKS" [4]="$FOCUS_TASKS" [5]="$FOCUS_TASKS" [7]="$CHARTS_UP" [8]="$CHARTS_MOSTLY"
-               [9]="$FOCUS_TASKS" [10]="$COUNT_CHARTS" [11]="$COUNT_CHARTS")
+               [9]="$FOCUS_TASKS" [10]="$COUNT_CHARTS" [11]="$COUNT_CHARTS"
+               [12]="$COUNT_MOSTLY")
 for k in "${LATER_STAGES[@]}"; do  # STEPSk (0: no stage k), BATCHk, and for data of its own N_TRAINk and TASKSk
     steps="STEPS$k" batch="BATCH$k" n="N_TRAIN$k" tasks="TASKS$k"
     printf -v "$steps" '%s' "${!steps:-0}"
@@ -84,7 +87,7 @@ scene_args() {  # scene_args STEPS BATCH SLACK: a later scene stage's arguments 
          --min-lr-ratio 0.05 --batch-size "$2" --max-steps "$1" --seed "$SEED" --log-every 10 \
          --data-workers "$DATA_WORKERS" ${COMPILE:+--compile} ${3:+--centre-slack "$3"}
 }
-define_stages() {  # the stages' arguments for the current STEPS1 ... STEPS11
+define_stages() {  # the stages' arguments for the current STEPS1 ... STEPS12
     STAGE1=(--objective scene --vision full --connector full --lr 1e-3 --weight-decay 0.05 --warmup-steps 30 --min-lr-ratio 0.05
             --batch-size "$BATCH1" --max-steps "$STEPS1" --eval-data "$WORK/data/eval.jsonl" --eval-batch-size 32
             --seed "$SEED" --log-every 10 --data-workers "$DATA_WORKERS" ${COMPILE:+--compile}
@@ -103,6 +106,7 @@ define_stages() {  # the stages' arguments for the current STEPS1 ... STEPS11
     read -r -a STAGE9 <<< "$(scene_args "$STEPS9" "$BATCH9" "$SLACK9")"
     STAGE10=("${answers[@]}" --lr 2e-4 --warmup-steps 10 --max-steps "$STEPS10" --batch-size "$BATCH10")
     STAGE11=("${answers[@]}" --lr 1e-4 --warmup-steps 10 --max-steps "$STEPS11" --batch-size "$BATCH11")
+    STAGE12=("${answers[@]}" --lr 2e-4 --warmup-steps 10 --max-steps "$STEPS12" --batch-size "$BATCH12")
 }
 define_stages
 start=$(date +%s)
@@ -177,6 +181,7 @@ scene_stage() {  # scene_stage K DATA: stage K trains the tower and connector on
 [ "$STEPS9" -eq 0 ] || { own_data 9 81; scene_stage 9 "$WORK/data9"; }  # longer: counting from the tokens 80% -> 90%
 [ "$STEPS10" -eq 0 ] || { own_data 10 83; answers_stage 10 "$WORK/data10"; }
 [ "$STEPS11" -eq 0 ] || { own_data 11 89; answers_stage 11 "$WORK/data11"; }
+[ "$STEPS12" -eq 0 ] || { own_data 12 91; answers_stage 12 "$WORK/data12"; }
 
 # Ship the trained tensors, then score the demo exactly as users get it (assembled from the shipped files).
 python -m smolvlm.demo export --run "$FINAL"
