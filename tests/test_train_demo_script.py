@@ -66,11 +66,22 @@ def flag(call: list[str], name: str) -> str:
     return call[call.index(name) + 1]
 
 
+def train_calls(calls: list[list[str]]) -> list[list[str]]:
+    """The script's `smolvlm train` calls, in order."""
+    return [c for c in calls if c[:2] == ["smolvlm", "train"]]
+
+
+def training_data(calls: list[list[str]], *names: str) -> dict[str, tuple[str, ...]]:
+    """Each `smolvlm data synth --split train` call's output folder and the values of its flags `names`."""
+    return {flag(c, "--out"): tuple(flag(c, name) for name in names)
+            for c in calls if c[1:3] == ["data", "synth"] and flag(c, "--split") == "train"}
+
+
 def test_every_stage_starts_from_the_last_ones_weights_and_the_recipe_names_them(tmp_path):
     calls, recipe = run_script(tmp_path, STEPS1="3", STEPS2="4", STEPS3="5", STEPS4="6", N_TRAIN="20", N_EVAL="7",
                                TASKS4="count=1")
     w = tmp_path / "w"
-    trains = [c for c in calls if c[:2] == ["smolvlm", "train"]]
+    trains = train_calls(calls)
     assert [(flag(c, "--model"), flag(c, "--out"), flag(c, "--max-steps")) for c in trains] == [
         (f"{w}/base", f"{w}/scene", "3"), (f"{w}/scene/final", f"{w}/run", "4"),
         (f"{w}/run/final", f"{w}/run3", "5"), (f"{w}/run3/final", f"{w}/run4", "6")]
@@ -78,8 +89,7 @@ def test_every_stage_starts_from_the_last_ones_weights_and_the_recipe_names_them
     assert flag(scene, "--objective") == "scene" and "--objective" not in answers
     assert [flag(c, "--continue-adapter") for c in (stage3, stage4)] == [f"{w}/run/final", f"{w}/run3/final"]
     assert [flag(c, "--lr") for c in trains] == ["1e-3", "5e-4", "3e-4", "1e-4"]
-    synths = {flag(c, "--out"): (flag(c, "--n"), flag(c, "--seed"), flag(c, "--tasks"))
-              for c in calls if c[1:3] == ["data", "synth"] and flag(c, "--split") == "train"}
+    synths = training_data(calls, "--n", "--seed", "--tasks")
     assert synths[f"{w}/data3"][:2] == ("40", "61") and synths[f"{w}/data4"] == ("48", "63", "count=1")
     assert [c[1] for c in calls if c[0] == "demo"] == ["base", "export", "manifest"]
     assert flag([c for c in calls if c[:2] == ["demo", "export"]][0], "--run") == f"{w}/run4/final"
@@ -95,7 +105,7 @@ def test_the_later_stages_chain_scene_and_answer_stages_and_the_recipe_names_the
     calls, recipe = run_script(tmp_path, STEPS1="3", STEPS2="4", STEPS5="5", N_TRAIN5="50", SLACK5="3", STEPS6="6",
                                STEPS7="7", STEPS8="8", TASKS8="chart=1")
     w = tmp_path / "w"
-    trains = [c for c in calls if c[:2] == ["smolvlm", "train"]]
+    trains = train_calls(calls)
     assert [(flag(c, "--model"), flag(c, "--out"), flag(c, "--data")) for c in trains[2:]] == [
         (f"{w}/run/final", f"{w}/scene5", f"{w}/data5/train.jsonl"),
         (f"{w}/scene5/final", f"{w}/run6", f"{w}/data5/train.jsonl"),
@@ -107,8 +117,7 @@ def test_the_later_stages_chain_scene_and_answer_stages_and_the_recipe_names_the
     assert [flag(c, "--continue-adapter") for c in (stage6, stage7, stage8)] == [
         f"{w}/run/final", f"{w}/run6/final", f"{w}/run7/final"]
     assert [flag(c, "--lr") for c in trains[2:]] == ["3e-4", "3e-4", "1e-4", "1e-4"]
-    synths = {flag(c, "--out"): (flag(c, "--n"), flag(c, "--seed"))
-              for c in calls if c[1:3] == ["data", "synth"] and flag(c, "--split") == "train"}
+    synths = training_data(calls, "--n", "--seed")
     assert synths == {f"{w}/data": ("6000", "0"), f"{w}/data5": ("50", "65"), f"{w}/data7": ("56", "67"),
                       f"{w}/data8": ("64", "69")}
     assert flag([c for c in calls if c[:2] == ["demo", "export"]][0], "--run") == f"{w}/run8/final"
@@ -122,7 +131,7 @@ def test_stages_9_to_12_rerun_the_scene_objective_then_train_the_adapter_over_it
     calls, recipe = run_script(tmp_path, STEPS1="3", STEPS2="4", STEPS8="8", STEPS9="9", SLACK9="3", STEPS10="10",
                                N_TRAIN10="40", STEPS11="11", STEPS12="12")
     w = tmp_path / "w"
-    trains = [c for c in calls if c[:2] == ["smolvlm", "train"]]
+    trains = train_calls(calls)
     assert [(flag(c, "--model"), flag(c, "--out"), flag(c, "--data")) for c in trains[3:]] == [
         (f"{w}/run8/final", f"{w}/scene9", f"{w}/data9/train.jsonl"),
         (f"{w}/scene9/final", f"{w}/run10", f"{w}/data10/train.jsonl"),
@@ -135,8 +144,7 @@ def test_stages_9_to_12_rerun_the_scene_objective_then_train_the_adapter_over_it
     assert [flag(c, "--continue-adapter") for c in (stage10, stage11, stage12)] == [
         f"{w}/run8/final", f"{w}/run10/final", f"{w}/run11/final"]
     assert [flag(c, "--lr") for c in trains[3:]] == ["3e-4", "2e-4", "1e-4", "2e-4"]
-    synths = {flag(c, "--out"): (flag(c, "--n"), flag(c, "--seed"), flag(c, "--tasks"))
-              for c in calls if c[1:3] == ["data", "synth"] and flag(c, "--split") == "train"}
+    synths = training_data(calls, "--n", "--seed", "--tasks")
     assert synths[f"{w}/data9"] == ("288", "81",
                                     "colour=1,exists=1.5,count=2.5,spatial=3,chart=2,ocr=0.25,grounding=0.25")
     assert synths[f"{w}/data10"] == ("40", "83", "colour=1,exists=2,count=3,spatial=2,chart=4,ocr=0.25,grounding=0.25")
@@ -144,7 +152,8 @@ def test_stages_9_to_12_rerun_the_scene_objective_then_train_the_adapter_over_it
     assert synths[f"{w}/data12"] == ("96", "91", "colour=0.5,exists=1,count=5,spatial=1,chart=3")
     assert flag([c for c in calls if c[:2] == ["demo", "export"]][0], "--run") == f"{w}/run12/final"
     assert recipe["command"].endswith("STEPS9=9 BATCH9=32 N_TRAIN9=288 SLACK9=3 STEPS10=10 BATCH10=8 N_TRAIN10=40 "
-                                      "STEPS11=11 BATCH11=8 N_TRAIN11=88 STEPS12=12 BATCH12=8 N_TRAIN12=96 scripts/train_demo.sh")
+                                      "STEPS11=11 BATCH11=8 N_TRAIN11=88 STEPS12=12 BATCH12=8 N_TRAIN12=96 "
+                                      "scripts/train_demo.sh")
     assert recipe["stage9"] == "smolvlm train " + " ".join(scene9[scene9.index("--objective"):])
     assert recipe["n_train10"] == 40 and recipe["stage10_tasks"] == synths[f"{w}/data10"][2]
     assert recipe["n_eval"] == 1400
@@ -168,7 +177,7 @@ def test_the_shipped_command_gives_the_shipped_recipe(tmp_path):
 
 def test_stages_left_at_zero_steps_are_neither_run_nor_recorded(tmp_path):
     calls, recipe = run_script(tmp_path, STEPS1="3", STEPS2="4")
-    assert sum(c[:2] == ["smolvlm", "train"] for c in calls) == 2
+    assert len(train_calls(calls)) == 2
     assert not any("--centre-slack" in c for c in calls)
     assert not any(key.startswith(("stage3", "stage4", "stage5", "stage6", "n_train3")) for key in recipe)
     assert recipe["command"].endswith("DATA_WORKERS=0 scripts/train_demo.sh")
@@ -176,7 +185,7 @@ def test_stages_left_at_zero_steps_are_neither_run_nor_recorded(tmp_path):
 
 def test_stage_1_takes_a_centre_slack_and_records_it(tmp_path):
     calls, recipe = run_script(tmp_path, STEPS1="3", STEPS2="4", SLACK1="2.5")
-    scene, answers = [c for c in calls if c[:2] == ["smolvlm", "train"]]
+    scene, answers = train_calls(calls)
     assert flag(scene, "--centre-slack") == "2.5" and "--centre-slack" not in answers
     assert "SIGNS" not in recipe["command"] and " SLACK1=2.5 " in recipe["command"]
     assert "--centre-slack 2.5" in recipe["stage1"]
