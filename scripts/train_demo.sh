@@ -64,20 +64,23 @@ LATER_STAGES=(3 4 5 6 7 8 9 10 11 12)
 SCENE_STAGES=" 5 9 "  # the later stages of the scene objective
 # the mix of each later stage with data of its own (stage 6 trains on stage 5's)
 DEFAULT_TASKS=([3]="$FOCUS_TASKS" [4]="$FOCUS_TASKS" [5]="$FOCUS_TASKS" [7]="$CHARTS_UP" [8]="$CHARTS_MOSTLY"
-               [9]="$FOCUS_TASKS" [10]="$COUNT_CHARTS" [11]="$COUNT_CHARTS"
-               [12]="$COUNT_MOSTLY")
-for k in "${LATER_STAGES[@]}"; do  # STEPSk (0: no stage k), BATCHk, and for data of its own N_TRAINk and TASKSk
-    steps="STEPS$k" batch="BATCH$k" n="N_TRAIN$k" tasks="TASKS$k"
+               [9]="$FOCUS_TASKS" [10]="$COUNT_CHARTS" [11]="$COUNT_CHARTS" [12]="$COUNT_MOSTLY")
+# each later stage's STEPSk (0: no stage k) and BATCHk; a scene stage's SLACKk (unset: none); N_TRAINk and TASKSk
+# for a stage with data of its own
+for k in "${LATER_STAGES[@]}"; do
+    steps="STEPS$k" batch="BATCH$k" n="N_TRAIN$k" tasks="TASKS$k" slack="SLACK$k"
     printf -v "$steps" '%s' "${!steps:-0}"
-    if [[ "$SCENE_STAGES" == *" $k "* ]]; then printf -v "$batch" '%s' "${!batch:-32}"
-    else printf -v "$batch" '%s' "${!batch:-8}"; fi
+    if [[ "$SCENE_STAGES" == *" $k "* ]]; then
+        printf -v "$batch" '%s' "${!batch:-32}"
+        printf -v "$slack" '%s' "${!slack:-}"
+    else
+        printf -v "$batch" '%s' "${!batch:-8}"
+    fi
     if [ -n "${DEFAULT_TASKS[$k]:-}" ]; then
         printf -v "$n" '%s' "${!n:-$((${!steps} * ${!batch}))}"  # default: every sample seen once
         printf -v "$tasks" '%s' "${!tasks:-${DEFAULT_TASKS[$k]}}"
     fi
 done
-SLACK5=${SLACK5:-}
-SLACK9=${SLACK9:-}
 if [ "$STEPS6" -gt 0 ] && [ "$STEPS5" -eq 0 ]; then
     echo "train_demo.sh: stage 6 trains on stage 5's data; set STEPS5 too" >&2
     exit 2
