@@ -189,11 +189,10 @@ class OracleTokens:
         for inst in instances:
             x, y = inst.centre()
             row, col = min(int(y) // cell, GRID - 1), min(int(x) // cell, GRID - 1)
-            placed.append((row * GRID + col, col, inst))
-        taken: set[int] = set()
-        for at, col, inst in sorted(placed, key=lambda p: p[0]):
-            x, y = inst.centre()
             across, down = int(x) * 2 // cell, int(y) * 2 // cell  # the centre's 16-px column and row
+            placed.append((row * GRID + col, col, across, down, inst))
+        taken: set[int] = set()
+        for at, col, across, down, inst in sorted(placed, key=lambda p: p[0]):
             if CHAR_CLASSES <= inst.label < BAR_CLASSES:  # token_words' rule, but a character never loses its token
                 while at in taken and at + 1 < GRID * GRID:
                     at += 1
