@@ -19,16 +19,10 @@
 #   env: SEED, STEPS1, STEPS2, BATCH1 (stage 1), BATCH (stage 2), N_TRAIN, N_EVAL, THREADS,
 #        SIGNS (how sign text is set, `data synth --signs`: proportional, as shipped, or monospace),
 #        TRAIN_TASKS (the training mix, `data synth --tasks`; both stages train on it),
-#        STEPS3, BATCH3, N_TRAIN3, TASKS3 (stage 3: steps (0: none), batch, samples (default STEPS3 x BATCH3) and
-#        mix of its own data, seeded SEED + 61),
-#        STEPS4, BATCH4, N_TRAIN4, TASKS4 (stage 4, likewise; lr 1e-4, data seeded SEED + 63),
-#        STEPS5, BATCH5, N_TRAIN5, TASKS5, SLACK5 (stage 5, likewise; lr 3e-4, data seeded SEED + 65),
-#        STEPS6, BATCH6 (stage 6; lr 3e-4, on stage 5's data), STEPS7, BATCH7, N_TRAIN7, TASKS7 and STEPS8, BATCH8,
-#        N_TRAIN8, TASKS8 (stages 7 and 8; lr 1e-4, data seeded SEED + 67 and SEED + 69),
-#        STEPS9, BATCH9, N_TRAIN9, TASKS9, SLACK9 (stage 9, as stage 5; data seeded SEED + 81), STEPS10, BATCH10,
-#        N_TRAIN10, TASKS10 (stage 10; lr 2e-4, data seeded SEED + 83), STEPS11, BATCH11, N_TRAIN11, TASKS11 (stage
-#        11; lr 1e-4, data seeded SEED + 89), STEPS12, BATCH12, N_TRAIN12, TASKS12 (stage 12; lr 2e-4, SEED + 91);
-#        a stage's batch defaults to 32 for the scene stages (5, 9), else 8, its samples to STEPSk x BATCHk,
+#        STEPSk, BATCHk, N_TRAINk, TASKSk for each later stage k = 3 ... 12 (steps (0: no stage k), batch (32 for
+#        the scene stages 5 and 9, else 8), samples (default STEPSk x BATCHk) and mix of its own data, seeded
+#        SEED + DATA_SEEDS[k]; stage 6 trains on stage 5's data), SLACK5 and SLACK9 (the scene stages' centre slack);
+#        the answer stages' learning rates are ANSWER_LRS below,
 #        SLACK1 (stage 1 names a shape near a token border on either side, `--centre-slack` pixels; unset as shipped),
 #        SHARDS (training data written by this many parallel `data synth` runs, shard k seeded SEED + 100k),
 #        DATA_WORKERS (processes building batches; a GPU needs several, the CPU recipe uses a background thread),
@@ -61,10 +55,13 @@ CHARTS_MOSTLY="colour=0.5,exists=1,count=1,spatial=1,chart=4"  # the shipped sta
 COUNT_CHARTS="colour=1,exists=2,count=3,spatial=2,chart=4,ocr=0.25,grounding=0.25"  # the shipped stages 10 and 11
 COUNT_MOSTLY="colour=0.5,exists=1,count=5,spatial=1,chart=3"  # the shipped stage 12
 LATER_STAGES=(3 4 5 6 7 8 9 10 11 12)
-SCENE_STAGES=" 5 9 "  # the later stages of the scene objective
-# the mix of each later stage with data of its own (stage 6 trains on stage 5's)
+SCENE_STAGES=" 5 9 "  # the later stages of the scene objective; the others train the adapter on the answers
+# the mix of each later stage with data of its own (stage 6 trains on stage 5's) and the seed offset of that data
 DEFAULT_TASKS=([3]="$FOCUS_TASKS" [4]="$FOCUS_TASKS" [5]="$FOCUS_TASKS" [7]="$CHARTS_UP" [8]="$CHARTS_MOSTLY"
                [9]="$FOCUS_TASKS" [10]="$COUNT_CHARTS" [11]="$COUNT_CHARTS" [12]="$COUNT_MOSTLY")
+DATA_SEEDS=([3]=61 [4]=63 [5]=65 [7]=67 [8]=69 [9]=81 [10]=83 [11]=89 [12]=91)
+# each answer stage's learning rate (the scene stages' is scene_args')
+ANSWER_LRS=([3]=3e-4 [4]=1e-4 [6]=3e-4 [7]=1e-4 [8]=1e-4 [10]=2e-4 [11]=1e-4 [12]=2e-4)
 # each later stage's STEPSk (0: no stage k) and BATCHk; a scene stage's SLACKk (unset: none); N_TRAINk and TASKSk
 # for a stage with data of its own
 for k in "${LATER_STAGES[@]}"; do
@@ -100,16 +97,18 @@ define_stages() {  # the stages' arguments for the current STEPS1 ... STEPS12
                    --data-workers "$DATA_WORKERS" ${COMPILE:+--compile})  # what the answer stages share
     STAGE2=("${answers[@]}" --lora-r 16 --lora-alpha 32 --lr 5e-4 --warmup-steps 20 --max-steps "$STEPS2"
             --batch-size "$BATCH")
-    STAGE3=("${answers[@]}" --lr 3e-4 --warmup-steps 10 --max-steps "$STEPS3" --batch-size "$BATCH3")
-    STAGE4=("${answers[@]}" --lr 1e-4 --warmup-steps 10 --max-steps "$STEPS4" --batch-size "$BATCH4")
-    read -r -a STAGE5 <<< "$(scene_args "$STEPS5" "$BATCH5" "$SLACK5")"
-    STAGE6=("${answers[@]}" --lr 3e-4 --warmup-steps 10 --max-steps "$STEPS6" --batch-size "$BATCH6")
-    STAGE7=("${answers[@]}" --lr 1e-4 --warmup-steps 10 --max-steps "$STEPS7" --batch-size "$BATCH7")
-    STAGE8=("${answers[@]}" --lr 1e-4 --warmup-steps 10 --max-steps "$STEPS8" --batch-size "$BATCH8")
-    read -r -a STAGE9 <<< "$(scene_args "$STEPS9" "$BATCH9" "$SLACK9")"
-    STAGE10=("${answers[@]}" --lr 2e-4 --warmup-steps 10 --max-steps "$STEPS10" --batch-size "$BATCH10")
-    STAGE11=("${answers[@]}" --lr 1e-4 --warmup-steps 10 --max-steps "$STEPS11" --batch-size "$BATCH11")
-    STAGE12=("${answers[@]}" --lr 2e-4 --warmup-steps 10 --max-steps "$STEPS12" --batch-size "$BATCH12")
+    local k steps batch slack
+    for k in "${LATER_STAGES[@]}"; do
+        steps="STEPS$k" batch="BATCH$k" slack="SLACK$k"
+        local -n stage="STAGE$k"
+        if [[ "$SCENE_STAGES" == *" $k "* ]]; then
+            read -r -a stage <<< "$(scene_args "${!steps}" "${!batch}" "${!slack}")"
+        else
+            stage=("${answers[@]}" --lr "${ANSWER_LRS[$k]}" --warmup-steps 10 --max-steps "${!steps}"
+                   --batch-size "${!batch}")
+        fi
+        unset -n stage
+    done
 }
 define_stages
 start=$(date +%s)
@@ -156,9 +155,9 @@ fi
 
 FINAL="$WORK/run/final"  # the weights so far
 ADAPTER="$FINAL"  # the folder of the adapter merged into them: still stage 2's one adapter of rank 16
-own_data() {  # own_data K SEED_OFFSET: stage K's data of its own, N_TRAINk samples of TASKSk
+own_data() {  # own_data K: stage K's data of its own, N_TRAINk samples of TASKSk seeded SEED + DATA_SEEDS[K]
     local n="N_TRAIN$1" tasks="TASKS$1"
-    synth "$WORK/data$1" "${!n}" "$((SEED + $2))" train "${!tasks}"
+    synth "$WORK/data$1" "${!n}" "$((SEED + DATA_SEEDS[$1]))" train "${!tasks}"
 }
 answers_stage() {  # answers_stage K DATA: stage K trains the adapter on, on DATA (a `data synth` folder)
     local k=$1
@@ -175,16 +174,13 @@ scene_stage() {  # scene_stage K DATA: stage K trains the tower and connector on
         --out "$WORK/scene$k" "${args[@]}"
     FINAL="$WORK/scene$k/final"
 }
-[ "$STEPS3" -eq 0 ] || { own_data 3 61; answers_stage 3 "$WORK/data3"; }
-[ "$STEPS4" -eq 0 ] || { own_data 4 63; answers_stage 4 "$WORK/data4"; }  # gently: spatial and counting gain
-[ "$STEPS5" -eq 0 ] || { own_data 5 65; scene_stage 5 "$WORK/data5"; }  # counting tokens with a centre slack
-[ "$STEPS6" -eq 0 ] || answers_stage 6 "$WORK/data5"  # the language model learns to read the new tokens
-[ "$STEPS7" -eq 0 ] || { own_data 7 67; answers_stage 7 "$WORK/data7"; }  # stages 7 and 8: the bar charts back
-[ "$STEPS8" -eq 0 ] || { own_data 8 69; answers_stage 8 "$WORK/data8"; }
-[ "$STEPS9" -eq 0 ] || { own_data 9 81; scene_stage 9 "$WORK/data9"; }  # longer: counting from the tokens 80% -> 90%
-[ "$STEPS10" -eq 0 ] || { own_data 10 83; answers_stage 10 "$WORK/data10"; }
-[ "$STEPS11" -eq 0 ] || { own_data 11 89; answers_stage 11 "$WORK/data11"; }
-[ "$STEPS12" -eq 0 ] || { own_data 12 91; answers_stage 12 "$WORK/data12"; }
+for k in "${LATER_STAGES[@]}"; do  # each from the weights the stage before left
+    steps="STEPS$k"
+    [ "${!steps}" -gt 0 ] || continue
+    data="$WORK/data$k"
+    if [ -n "${DATA_SEEDS[$k]:-}" ]; then own_data "$k"; else data="$WORK/data$((k - 1))"; fi  # stage 6: stage 5's
+    if [[ "$SCENE_STAGES" == *" $k "* ]]; then scene_stage "$k" "$data"; else answers_stage "$k" "$data"; fi
+done
 
 # Ship the trained tensors, then score the demo exactly as users get it (assembled from the shipped files).
 python -m smolvlm.demo export --run "$FINAL"
