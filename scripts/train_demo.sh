@@ -14,12 +14,15 @@
 #   -> stage 10 (STEPS10 > 0): the adapter over those tokens, on a mix weighing counting and the bar charts up
 #   -> stage 11 (STEPS11 > 0): the adapter once more, gently, on fresh samples of stage 10's mix
 #   -> stage 12 (STEPS12 > 0): the adapter on a mix of mostly counting questions
+#   -> stage 13 (STEPS13 > 0): the adapter once more, gently, on a mix weighing counting and existence up
+#   -> stage 14 (STEPS14 > 0): more counting practice, at stage 12's rate
+#   -> stage 15 (STEPS15 > 0): gently again, on fresh samples of stage 13's mix
 #   -> export (vision/connector, LoRA) -> `smolvlm eval` of the demo as users get it -> manifest.
 # Usage: scripts/train_demo.sh [WORK_DIR]
 #   env: SEED, STEPS1, STEPS2, BATCH1 (stage 1), BATCH (stage 2), N_TRAIN, N_EVAL, THREADS,
 #        SIGNS (how sign text is set, `data synth --signs`: proportional, as shipped, or monospace),
 #        TRAIN_TASKS (the training mix, `data synth --tasks`; both stages train on it),
-#        STEPSk, BATCHk, N_TRAINk, TASKSk for each later stage k = 3 ... 12 (steps (0: no stage k), batch (32 for
+#        STEPSk, BATCHk, N_TRAINk, TASKSk for each later stage k = 3 ... 15 (steps (0: no stage k), batch (32 for
 #        the scene stages 5 and 9, else 8), samples (default STEPSk x BATCHk) and mix of its own data, seeded
 #        SEED + DATA_SEEDS[k]; stage 6 trains on stage 5's data), SLACK5 and SLACK9 (the scene stages' centre slack);
 #        the answer stages' learning rates are ANSWER_LRS below,
@@ -54,14 +57,17 @@ CHARTS_UP="colour=1,exists=2,count=2.5,spatial=2,chart=4,ocr=0.25,grounding=0.25
 CHARTS_MOSTLY="colour=0.5,exists=1,count=1,spatial=1,chart=4"  # the shipped stage 8
 COUNT_CHARTS="colour=1,exists=2,count=3,spatial=2,chart=4,ocr=0.25,grounding=0.25"  # the shipped stages 10 and 11
 COUNT_MOSTLY="colour=0.5,exists=1,count=5,spatial=1,chart=3"  # the shipped stage 12
-LATER_STAGES=(3 4 5 6 7 8 9 10 11 12)
+COUNT_EXISTS="colour=1,exists=2,count=4,spatial=1,chart=3"  # the shipped stages 13 and 15
+COUNT_MORE="colour=1,exists=2,count=6,spatial=1,chart=3"  # the shipped stage 14
+LATER_STAGES=(3 4 5 6 7 8 9 10 11 12 13 14 15)
 SCENE_STAGES=" 5 9 "  # the later stages of the scene objective; the others train the adapter on the answers
 # the mix of each later stage with data of its own (stage 6 trains on stage 5's) and the seed offset of that data
 DEFAULT_TASKS=([3]="$FOCUS_TASKS" [4]="$FOCUS_TASKS" [5]="$FOCUS_TASKS" [7]="$CHARTS_UP" [8]="$CHARTS_MOSTLY"
-               [9]="$FOCUS_TASKS" [10]="$COUNT_CHARTS" [11]="$COUNT_CHARTS" [12]="$COUNT_MOSTLY")
-DATA_SEEDS=([3]=61 [4]=63 [5]=65 [7]=67 [8]=69 [9]=81 [10]=83 [11]=89 [12]=91)
+               [9]="$FOCUS_TASKS" [10]="$COUNT_CHARTS" [11]="$COUNT_CHARTS" [12]="$COUNT_MOSTLY"
+               [13]="$COUNT_EXISTS" [14]="$COUNT_MORE" [15]="$COUNT_EXISTS")
+DATA_SEEDS=([3]=61 [4]=63 [5]=65 [7]=67 [8]=69 [9]=81 [10]=83 [11]=89 [12]=91 [13]=93 [14]=95 [15]=97)
 # each answer stage's learning rate (the scene stages' is scene_args')
-ANSWER_LRS=([3]=3e-4 [4]=1e-4 [6]=3e-4 [7]=1e-4 [8]=1e-4 [10]=2e-4 [11]=1e-4 [12]=2e-4)
+ANSWER_LRS=([3]=3e-4 [4]=1e-4 [6]=3e-4 [7]=1e-4 [8]=1e-4 [10]=2e-4 [11]=1e-4 [12]=2e-4 [13]=1e-4 [14]=2e-4 [15]=1e-4)
 # each later stage's STEPSk (0: no stage k) and BATCHk; a scene stage's SLACKk (unset: none); N_TRAINk and TASKSk
 # for a stage with data of its own
 for k in "${LATER_STAGES[@]}"; do
@@ -87,7 +93,7 @@ scene_args() {  # scene_args STEPS BATCH SLACK: a later scene stage's arguments 
          --min-lr-ratio 0.05 --batch-size "$2" --max-steps "$1" --seed "$SEED" --log-every 10 \
          --data-workers "$DATA_WORKERS" ${COMPILE:+--compile} ${3:+--centre-slack "$3"}
 }
-define_stages() {  # the stages' arguments for the current STEPS1 ... STEPS12
+define_stages() {  # the stages' arguments for the current STEPS1 ... STEPS15
     STAGE1=(--objective scene --vision full --connector full --lr 1e-3 --weight-decay 0.05 --warmup-steps 30 --min-lr-ratio 0.05
             --batch-size "$BATCH1" --max-steps "$STEPS1" --eval-data "$WORK/data/eval.jsonl" --eval-batch-size 32
             --seed "$SEED" --log-every 10 --data-workers "$DATA_WORKERS" ${COMPILE:+--compile}

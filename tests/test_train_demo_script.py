@@ -127,33 +127,42 @@ def test_the_later_stages_chain_scene_and_answer_stages_and_the_recipe_names_the
     assert recipe["stage5"] == "smolvlm train " + " ".join(scene5[scene5.index("--objective"):])
 
 
-def test_stages_9_to_12_rerun_the_scene_objective_then_train_the_adapter_over_it(tmp_path):
+def test_stages_9_to_15_rerun_the_scene_objective_then_train_the_adapter_over_it(tmp_path):
     calls, recipe = run_script(tmp_path, STEPS1="3", STEPS2="4", STEPS8="8", STEPS9="9", SLACK9="3", STEPS10="10",
-                               N_TRAIN10="40", STEPS11="11", STEPS12="12")
+                               N_TRAIN10="40", STEPS11="11", STEPS12="12", STEPS13="13",
+                               STEPS14="14", STEPS15="15")
     w = tmp_path / "w"
     trains = train_calls(calls)
     assert [(flag(c, "--model"), flag(c, "--out"), flag(c, "--data")) for c in trains[3:]] == [
         (f"{w}/run8/final", f"{w}/scene9", f"{w}/data9/train.jsonl"),
         (f"{w}/scene9/final", f"{w}/run10", f"{w}/data10/train.jsonl"),
         (f"{w}/run10/final", f"{w}/run11", f"{w}/data11/train.jsonl"),
-        (f"{w}/run11/final", f"{w}/run12", f"{w}/data12/train.jsonl")]
-    scene9, stage10, stage11, stage12 = trains[3:]
+        (f"{w}/run11/final", f"{w}/run12", f"{w}/data12/train.jsonl"),
+        (f"{w}/run12/final", f"{w}/run13", f"{w}/data13/train.jsonl"),
+        (f"{w}/run13/final", f"{w}/run14", f"{w}/data14/train.jsonl"),
+        (f"{w}/run14/final", f"{w}/run15", f"{w}/data15/train.jsonl")]
+    scene9, *answer_stages = trains[3:]
     assert flag(scene9, "--objective") == "scene" and flag(scene9, "--centre-slack") == "3"
     assert flag(scene9, "--batch-size") == "32" and "--continue-adapter" not in scene9
     # stage 10 goes on with the adapter merged into stage 9's start, each later stage with the one before's
-    assert [flag(c, "--continue-adapter") for c in (stage10, stage11, stage12)] == [
-        f"{w}/run8/final", f"{w}/run10/final", f"{w}/run11/final"]
-    assert [flag(c, "--lr") for c in trains[3:]] == ["3e-4", "2e-4", "1e-4", "2e-4"]
+    assert [flag(c, "--continue-adapter") for c in answer_stages] == [
+        f"{w}/run8/final", f"{w}/run10/final", f"{w}/run11/final", f"{w}/run12/final", f"{w}/run13/final",
+        f"{w}/run14/final"]
+    assert [flag(c, "--lr") for c in trains[3:]] == ["3e-4", "2e-4", "1e-4", "2e-4", "1e-4", "2e-4", "1e-4"]
     synths = training_data(calls, "--n", "--seed", "--tasks")
     assert synths[f"{w}/data9"] == ("288", "81",
                                     "colour=1,exists=1.5,count=2.5,spatial=3,chart=2,ocr=0.25,grounding=0.25")
     assert synths[f"{w}/data10"] == ("40", "83", "colour=1,exists=2,count=3,spatial=2,chart=4,ocr=0.25,grounding=0.25")
     assert synths[f"{w}/data11"] == ("88", "89", synths[f"{w}/data10"][2])
     assert synths[f"{w}/data12"] == ("96", "91", "colour=0.5,exists=1,count=5,spatial=1,chart=3")
-    assert flag([c for c in calls if c[:2] == ["demo", "export"]][0], "--run") == f"{w}/run12/final"
+    assert synths[f"{w}/data13"] == ("104", "93", "colour=1,exists=2,count=4,spatial=1,chart=3")
+    assert synths[f"{w}/data14"] == ("112", "95", "colour=1,exists=2,count=6,spatial=1,chart=3")
+    assert synths[f"{w}/data15"] == ("120", "97", synths[f"{w}/data13"][2])
+    assert flag([c for c in calls if c[:2] == ["demo", "export"]][0], "--run") == f"{w}/run15/final"
     assert recipe["command"].endswith("STEPS9=9 BATCH9=32 N_TRAIN9=288 SLACK9=3 STEPS10=10 BATCH10=8 N_TRAIN10=40 "
                                       "STEPS11=11 BATCH11=8 N_TRAIN11=88 STEPS12=12 BATCH12=8 N_TRAIN12=96 "
-                                      "scripts/train_demo.sh")
+                                      "STEPS13=13 BATCH13=8 N_TRAIN13=104 STEPS14=14 BATCH14=8 N_TRAIN14=112 "
+                                      "STEPS15=15 BATCH15=8 N_TRAIN15=120 scripts/train_demo.sh")
     assert recipe["stage9"] == "smolvlm train " + " ".join(scene9[scene9.index("--objective"):])
     assert recipe["n_train10"] == 40 and recipe["stage10_tasks"] == synths[f"{w}/data10"][2]
     assert recipe["n_eval"] == 1400
