@@ -61,6 +61,7 @@ COUNT_EXISTS="colour=1,exists=2,count=4,spatial=1,chart=3"  # the shipped stages
 COUNT_MORE="colour=1,exists=2,count=6,spatial=1,chart=3"  # the shipped stage 14
 LATER_STAGES=(3 4 5 6 7 8 9 10 11 12 13 14 15)
 SCENE_STAGES=" 5 9 "  # the later stages of the scene objective; the others train the adapter on the answers
+is_scene_stage() { [[ "$SCENE_STAGES" == *" $1 "* ]]; }
 # the mix of each later stage with data of its own (stage 6 trains on stage 5's) and the seed offset of that data
 DEFAULT_TASKS=([3]="$FOCUS_TASKS" [4]="$FOCUS_TASKS" [5]="$FOCUS_TASKS" [7]="$CHARTS_UP" [8]="$CHARTS_MOSTLY"
                [9]="$FOCUS_TASKS" [10]="$COUNT_CHARTS" [11]="$COUNT_CHARTS" [12]="$COUNT_MOSTLY"
@@ -73,7 +74,7 @@ ANSWER_LRS=([3]=3e-4 [4]=1e-4 [6]=3e-4 [7]=1e-4 [8]=1e-4 [10]=2e-4 [11]=1e-4 [12
 for k in "${LATER_STAGES[@]}"; do
     steps="STEPS$k" batch="BATCH$k" n="N_TRAIN$k" tasks="TASKS$k" slack="SLACK$k"
     printf -v "$steps" '%s' "${!steps:-0}"
-    if [[ "$SCENE_STAGES" == *" $k "* ]]; then
+    if is_scene_stage "$k"; then
         printf -v "$batch" '%s' "${!batch:-32}"
         printf -v "$slack" '%s' "${!slack:-}"
     else
@@ -107,7 +108,7 @@ define_stages() {  # the stages' arguments for the current STEPS1 ... STEPS15
     for k in "${LATER_STAGES[@]}"; do
         steps="STEPS$k" batch="BATCH$k" slack="SLACK$k"
         local -n stage="STAGE$k"
-        if [[ "$SCENE_STAGES" == *" $k "* ]]; then
+        if is_scene_stage "$k"; then
             read -r -a stage <<< "$(scene_args "${!steps}" "${!batch}" "${!slack}")"
         else
             stage=("${answers[@]}" --lr "${ANSWER_LRS[$k]}" --warmup-steps 10 --max-steps "${!steps}"
@@ -185,7 +186,7 @@ for k in "${LATER_STAGES[@]}"; do  # each from the weights the stage before left
     [ "${!steps}" -gt 0 ] || continue
     data="$WORK/data$k"
     if [ -n "${DATA_SEEDS[$k]:-}" ]; then own_data "$k"; else data="$WORK/data$((k - 1))"; fi  # stage 6: stage 5's
-    if [[ "$SCENE_STAGES" == *" $k "* ]]; then scene_stage "$k" "$data"; else answers_stage "$k" "$data"; fi
+    if is_scene_stage "$k"; then scene_stage "$k" "$data"; else answers_stage "$k" "$data"; fi
 done
 
 # Ship the trained tensors, then score the demo exactly as users get it (assembled from the shipped files).
@@ -210,7 +211,7 @@ for k in "${LATER_STAGES[@]}"; do  # the command and the recipe name a later sta
         FIELDS+=("stage${k}_tasks=${!tasks}" "n_train$k=${!n}")
     fi
     slack="SLACK$k"  # the scene stages' centre slack
-    [[ "$SCENE_STAGES" != *" $k "* ]] || [ -z "${!slack}" ] || COMMAND="$COMMAND $slack=${!slack}"
+    ! is_scene_stage "$k" || [ -z "${!slack}" ] || COMMAND="$COMMAND $slack=${!slack}"
     FIELDS+=("stage$k=smolvlm train ${!stage}")
 done
 FIELDS[0]="command=$COMMAND scripts/train_demo.sh"
