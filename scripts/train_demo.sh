@@ -17,15 +17,21 @@
 #   -> stage 13 (STEPS13 > 0): the adapter once more, gently, on a mix weighing counting and existence up
 #   -> stage 14 (STEPS14 > 0): more counting practice, at stage 12's rate
 #   -> stage 15 (STEPS15 > 0): gently again, on fresh samples of stage 13's mix
+#   -> stage 16 (STEPS16 > 0): the scene objective at a high rate (2e-3), long, on scenes whose signs are set in a
+#      monospaced font (SIGNS16), so that each image token holds a fixed share of a word's letters
+#   -> stage 17 (STEPS17 > 0): the adapter over those tokens, on a mix with the (monospaced) signs back in it
+#   -> stages 18 and 19 (STEPS18, STEPS19 > 0): the scene objective once more at 1e-3, then the adapter over it
 #   -> export (vision/connector, LoRA) -> `smolvlm eval` of the demo as users get it -> manifest.
 # Usage: scripts/train_demo.sh [WORK_DIR]
 #   env: SEED, STEPS1, STEPS2, BATCH1 (stage 1), BATCH (stage 2), N_TRAIN, N_EVAL, THREADS,
-#        SIGNS (how sign text is set, `data synth --signs`: proportional, as shipped, or monospace),
+#        SIGNS (how sign text is set, `data synth --signs`: proportional or monospace; the default of the data
+#        of stages 1 to 15), SIGNSk (stage k's own data; monospace from stage 16 on), EVAL_SIGNS (the eval split's;
+#        SIGNS unless set),
 #        TRAIN_TASKS (the training mix, `data synth --tasks`; both stages train on it),
-#        STEPSk, BATCHk, N_TRAINk, TASKSk for each later stage k = 3 ... 15 (steps (0: no stage k), batch (32 for
-#        the scene stages 5 and 9, else 8), samples (default STEPSk x BATCHk) and mix of its own data, seeded
-#        SEED + DATA_SEEDS[k]; stage 6 trains on stage 5's data), SLACK5 and SLACK9 (the scene stages' centre slack);
-#        the answer stages' learning rates are ANSWER_LRS below,
+#        STEPSk, BATCHk, N_TRAINk, TASKSk for each later stage k = 3 ... 19 (steps (0: no stage k), batch (32 for
+#        the scene stages 5, 9, 16 and 18, else 8), samples (default STEPSk x BATCHk) and mix of its own data, seeded
+#        SEED + DATA_SEEDS[k]; stage 6 trains on stage 5's data), SLACKk (a scene stage's centre slack);
+#        the stages' learning rates are SCENE_LRS and ANSWER_LRS below,
 #        SLACK1 (stage 1 names a shape near a token border on either side, `--centre-slack` pixels; unset as shipped),
 #        SHARDS (training data written by this many parallel `data synth` runs, shard k seeded SEED + 100k),
 #        DATA_WORKERS (processes building batches; a GPU needs several, the CPU recipe uses a background thread),
@@ -47,6 +53,7 @@ COMPILE=${COMPILE:-}
 N_TRAIN=${N_TRAIN:-6000}
 N_EVAL=${N_EVAL:-1400}  # 200 questions a task; the first 280 are the eval split scored before stage 9
 SIGNS=${SIGNS:-proportional}
+EVAL_SIGNS=${EVAL_SIGNS:-$SIGNS}
 SLACK1=${SLACK1:-}
 export OMP_NUM_THREADS=${THREADS:-2}
 SHIPPED_TASKS="colour=1,exists=1,count=1.5,spatial=1,ocr=1.5,grounding=0.5,chart=1.5"
@@ -59,20 +66,28 @@ COUNT_CHARTS="colour=1,exists=2,count=3,spatial=2,chart=4,ocr=0.25,grounding=0.2
 COUNT_MOSTLY="colour=0.5,exists=1,count=5,spatial=1,chart=3"  # the shipped stage 12
 COUNT_EXISTS="colour=1,exists=2,count=4,spatial=1,chart=3"  # the shipped stages 13 and 15
 COUNT_MORE="colour=1,exists=2,count=6,spatial=1,chart=3"  # the shipped stage 14
-LATER_STAGES=(3 4 5 6 7 8 9 10 11 12 13 14 15)
-SCENE_STAGES=" 5 9 "  # the later stages of the scene objective; the others train the adapter on the answers
+SIGN_SCENES="colour=1,exists=1,count=1.5,spatial=1,ocr=4,grounding=0.5,chart=1.5"  # the scene stages 16 and 18
+SIGNS_BACK="colour=1,exists=2,count=4,spatial=1,chart=3,ocr=3"  # stage 17
+SIGNS_CHARTS="colour=1,exists=2,count=4,spatial=1,chart=4,ocr=4"  # stage 19
+LATER_STAGES=(3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19)
+SCENE_STAGES=" 5 9 16 18 "  # the later stages of the scene objective; the others train the adapter on the answers
 is_scene_stage() { [[ "$SCENE_STAGES" == *" $1 "* ]]; }
 # the mix of each later stage with data of its own (stage 6 trains on stage 5's) and the seed offset of that data
 DEFAULT_TASKS=([3]="$FOCUS_TASKS" [4]="$FOCUS_TASKS" [5]="$FOCUS_TASKS" [7]="$CHARTS_UP" [8]="$CHARTS_MOSTLY"
                [9]="$FOCUS_TASKS" [10]="$COUNT_CHARTS" [11]="$COUNT_CHARTS" [12]="$COUNT_MOSTLY"
-               [13]="$COUNT_EXISTS" [14]="$COUNT_MORE" [15]="$COUNT_EXISTS")
-DATA_SEEDS=([3]=61 [4]=63 [5]=65 [7]=67 [8]=69 [9]=81 [10]=83 [11]=89 [12]=91 [13]=93 [14]=95 [15]=97)
-# each answer stage's learning rate (the scene stages' is scene_args')
-ANSWER_LRS=([3]=3e-4 [4]=1e-4 [6]=3e-4 [7]=1e-4 [8]=1e-4 [10]=2e-4 [11]=1e-4 [12]=2e-4 [13]=1e-4 [14]=2e-4 [15]=1e-4)
-# each later stage's STEPSk (0: no stage k) and BATCHk; a scene stage's SLACKk (unset: none); N_TRAINk and TASKSk
-# for a stage with data of its own
+               [13]="$COUNT_EXISTS" [14]="$COUNT_MORE" [15]="$COUNT_EXISTS" [16]="$SIGN_SCENES" [17]="$SIGNS_BACK"
+               [18]="$SIGN_SCENES" [19]="$SIGNS_CHARTS")
+DATA_SEEDS=([3]=61 [4]=63 [5]=65 [7]=67 [8]=69 [9]=81 [10]=83 [11]=89 [12]=91 [13]=93 [14]=95 [15]=97 [16]=101
+            [17]=103 [18]=105 [19]=107)
+DEFAULT_SIGNS=([16]=monospace [17]=monospace [18]=monospace [19]=monospace)  # the others': SIGNS
+# each stage's learning rate: the scene stages', the answer stages'
+SCENE_LRS=([5]=3e-4 [9]=3e-4 [16]=2e-3 [18]=1e-3)
+ANSWER_LRS=([3]=3e-4 [4]=1e-4 [6]=3e-4 [7]=1e-4 [8]=1e-4 [10]=2e-4 [11]=1e-4 [12]=2e-4 [13]=1e-4 [14]=2e-4 [15]=1e-4
+            [17]=2e-4 [19]=2e-4)
+# each later stage's STEPSk (0: no stage k) and BATCHk; a scene stage's SLACKk (unset: none); N_TRAINk, TASKSk and
+# SIGNSk for a stage with data of its own
 for k in "${LATER_STAGES[@]}"; do
-    steps="STEPS$k" batch="BATCH$k" n="N_TRAIN$k" tasks="TASKS$k" slack="SLACK$k"
+    steps="STEPS$k" batch="BATCH$k" n="N_TRAIN$k" tasks="TASKS$k" slack="SLACK$k" signs="SIGNS$k"
     printf -v "$steps" '%s' "${!steps:-0}"
     if is_scene_stage "$k"; then
         printf -v "$batch" '%s' "${!batch:-32}"
@@ -83,18 +98,19 @@ for k in "${LATER_STAGES[@]}"; do
     if [ -n "${DEFAULT_TASKS[$k]:-}" ]; then
         printf -v "$n" '%s' "${!n:-$((${!steps} * ${!batch}))}"  # default: every sample seen once
         printf -v "$tasks" '%s' "${!tasks:-${DEFAULT_TASKS[$k]}}"
+        printf -v "$signs" '%s' "${!signs:-${DEFAULT_SIGNS[$k]:-$SIGNS}}"
     fi
 done
 if [ "$STEPS6" -gt 0 ] && [ "$STEPS5" -eq 0 ]; then
     echo "train_demo.sh: stage 6 trains on stage 5's data; set STEPS5 too" >&2
     exit 2
 fi
-scene_args() {  # scene_args STEPS BATCH SLACK: a later scene stage's arguments (stages 5 and 9)
-    echo --objective scene --vision full --connector full --lr 3e-4 --weight-decay 0.05 --warmup-steps 30 \
-         --min-lr-ratio 0.05 --batch-size "$2" --max-steps "$1" --seed "$SEED" --log-every 10 \
-         --data-workers "$DATA_WORKERS" ${COMPILE:+--compile} ${3:+--centre-slack "$3"}
+scene_args() {  # scene_args LR STEPS BATCH SLACK: a later scene stage's arguments (stages 5, 9, 16 and 18)
+    echo --objective scene --vision full --connector full --lr "$1" --weight-decay 0.05 --warmup-steps 30 \
+         --min-lr-ratio 0.05 --batch-size "$3" --max-steps "$2" --seed "$SEED" --log-every 10 \
+         --data-workers "$DATA_WORKERS" ${COMPILE:+--compile} ${4:+--centre-slack "$4"}
 }
-define_stages() {  # the stages' arguments for the current STEPS1 ... STEPS15
+define_stages() {  # the stages' arguments for the current STEPS1 ... STEPS19
     STAGE1=(--objective scene --vision full --connector full --lr 1e-3 --weight-decay 0.05 --warmup-steps 30 --min-lr-ratio 0.05
             --batch-size "$BATCH1" --max-steps "$STEPS1" --eval-data "$WORK/data/eval.jsonl" --eval-batch-size 32
             --seed "$SEED" --log-every 10 --data-workers "$DATA_WORKERS" ${COMPILE:+--compile}
@@ -109,7 +125,7 @@ define_stages() {  # the stages' arguments for the current STEPS1 ... STEPS15
         steps="STEPS$k" batch="BATCH$k" slack="SLACK$k"
         local -n stage="STAGE$k"
         if is_scene_stage "$k"; then
-            read -r -a stage <<< "$(scene_args "${!steps}" "${!batch}" "${!slack}")"
+            read -r -a stage <<< "$(scene_args "${SCENE_LRS[$k]}" "${!steps}" "${!batch}" "${!slack}")"
         else
             stage=("${answers[@]}" --lr "${ANSWER_LRS[$k]}" --warmup-steps 10 --max-steps "${!steps}"
                    --batch-size "${!batch}")
@@ -121,9 +137,9 @@ define_stages
 start=$(date +%s)
 mkdir -p "$WORK"
 
-synth() {  # synth DIR N SEED SPLIT TASKS
+synth() {  # synth DIR N SEED SPLIT TASKS [SIGNS]
     [ -f "$1/$4.jsonl" ] || smolvlm data synth --out "$1" --n "$2" --seed "$3" --split "$4" --tasks "$5" \
-        --signs "$SIGNS" --json
+        --signs "${6:-$SIGNS}" --json
 }
 if [ "$SHARDS" -eq 1 ]; then
     synth "$WORK/data" "$N_TRAIN" "$SEED" train "$TRAIN_TASKS"
@@ -137,7 +153,7 @@ elif [ ! -f "$WORK/data/train.jsonl" ]; then
         > "$WORK/data/train.jsonl.part"
     mv "$WORK/data/train.jsonl.part" "$WORK/data/train.jsonl"
 fi
-synth "$WORK/data" "$N_EVAL" "$((SEED + 1))" eval "$EVAL_TASKS"
+synth "$WORK/data" "$N_EVAL" "$((SEED + 1))" eval "$EVAL_TASKS" "$EVAL_SIGNS"
 [ -f "$WORK/base/model.safetensors" ] || python -m smolvlm.demo base --out "$WORK/base" --seed "$SEED"
 [ -z "${PREPARE_ONLY:-}" ] || exit 0  # data and base only
 
@@ -162,9 +178,9 @@ fi
 
 FINAL="$WORK/run/final"  # the weights so far
 ADAPTER="$FINAL"  # the folder of the adapter merged into them: still stage 2's one adapter of rank 16
-own_data() {  # own_data K: stage K's data of its own, N_TRAINk samples of TASKSk seeded SEED + DATA_SEEDS[K]
-    local n="N_TRAIN$1" tasks="TASKS$1"
-    synth "$WORK/data$1" "${!n}" "$((SEED + DATA_SEEDS[$1]))" train "${!tasks}"
+own_data() {  # own_data K: stage K's data, N_TRAINk samples of TASKSk with SIGNSk signs, seeded SEED + DATA_SEEDS[K]
+    local n="N_TRAIN$1" tasks="TASKS$1" signs="SIGNS$1"
+    synth "$WORK/data$1" "${!n}" "$((SEED + DATA_SEEDS[$1]))" train "${!tasks}" "${!signs}"
 }
 answers_stage() {  # answers_stage K DATA: stage K trains the adapter on, on DATA (a `data synth` folder)
     local k=$1
@@ -197,18 +213,23 @@ end=$(date +%s)
 COMMAND="SEED=$SEED STEPS1=$STEPS1 STEPS2=$STEPS2 BATCH1=$BATCH1 BATCH=$BATCH N_TRAIN=$N_TRAIN SHARDS=$SHARDS"
 COMMAND="$COMMAND DATA_WORKERS=$DATA_WORKERS${COMPILE:+ COMPILE=$COMPILE}"
 [ "$SIGNS" = proportional ] || COMMAND="$COMMAND SIGNS=$SIGNS"
+[ "$EVAL_SIGNS" = "$SIGNS" ] || COMMAND="$COMMAND EVAL_SIGNS=$EVAL_SIGNS"
 [ -z "$SLACK1" ] || COMMAND="$COMMAND SLACK1=$SLACK1"
 [ "$TRAIN_TASKS" = "$SHIPPED_TASKS" ] || COMMAND="$COMMAND TRAIN_TASKS=$TRAIN_TASKS"
 FIELDS=(command= train_tasks="$TRAIN_TASKS" n_train="$N_TRAIN" eval_tasks="$EVAL_TASKS" n_eval="$N_EVAL"
         stage1="smolvlm train ${STAGE1[*]}" stage2="smolvlm train ${STAGE2[*]}")  # the manifest's recipe
+[ "$SIGNS" = proportional ] || FIELDS+=("signs=$SIGNS")  # sign layouts other than the first one's named
+[ "$EVAL_SIGNS" = proportional ] || FIELDS+=("eval_signs=$EVAL_SIGNS")
 for k in "${LATER_STAGES[@]}"; do  # the command and the recipe name a later stage only when it ran
-    steps="STEPS$k" batch="BATCH$k" n="N_TRAIN$k" tasks="TASKS$k" stage="STAGE$k[*]"
+    steps="STEPS$k" batch="BATCH$k" n="N_TRAIN$k" tasks="TASKS$k" signs="SIGNS$k" stage="STAGE$k[*]"
     [ "${!steps}" -gt 0 ] || continue
     COMMAND="$COMMAND $steps=${!steps} $batch=${!batch}"
     if [ -n "${DEFAULT_TASKS[$k]:-}" ]; then  # a stage with data of its own (stage 6 has stage 5's)
         COMMAND="$COMMAND $n=${!n}"
         [ "${!tasks}" = "${DEFAULT_TASKS[$k]}" ] || COMMAND="$COMMAND $tasks=${!tasks}"
+        [ "${!signs}" = "${DEFAULT_SIGNS[$k]:-$SIGNS}" ] || COMMAND="$COMMAND $signs=${!signs}"
         FIELDS+=("stage${k}_tasks=${!tasks}" "n_train$k=${!n}")
+        [ "${!signs}" = proportional ] || FIELDS+=("stage${k}_signs=${!signs}")
     fi
     slack="SLACK$k"  # the scene stages' centre slack
     ! is_scene_stage "$k" || [ -z "${!slack}" ] || COMMAND="$COMMAND $slack=${!slack}"

@@ -198,3 +198,32 @@ def test_stage_1_takes_a_centre_slack_and_records_it(tmp_path):
     assert flag(scene, "--centre-slack") == "2.5" and "--centre-slack" not in answers
     assert "SIGNS" not in recipe["command"] and " SLACK1=2.5 " in recipe["command"]
     assert "--centre-slack 2.5" in recipe["stage1"]
+
+
+def test_stages_16_to_19_train_on_monospaced_signs_at_their_own_rates(tmp_path):
+    calls, recipe = run_script(tmp_path, STEPS1="3", STEPS2="4", STEPS15="15", STEPS16="16", SLACK16="3",
+                               N_TRAIN16="50", STEPS17="17", STEPS18="18", N_TRAIN18="60", SLACK18="3", STEPS19="19",
+                               SIGNS19="proportional", EVAL_SIGNS="monospace")
+    w = tmp_path / "w"
+    trains = train_calls(calls)
+    assert [(flag(c, "--model"), flag(c, "--out"), flag(c, "--data")) for c in trains[3:]] == [
+        (f"{w}/run15/final", f"{w}/scene16", f"{w}/data16/train.jsonl"),
+        (f"{w}/scene16/final", f"{w}/run17", f"{w}/data17/train.jsonl"),
+        (f"{w}/run17/final", f"{w}/scene18", f"{w}/data18/train.jsonl"),
+        (f"{w}/scene18/final", f"{w}/run19", f"{w}/data19/train.jsonl")]
+    scene16, stage17, scene18, stage19 = trains[3:]
+    assert [flag(c, "--objective") for c in (scene16, scene18)] == ["scene", "scene"]
+    assert [flag(c, "--lr") for c in trains[3:]] == ["2e-3", "2e-4", "1e-3", "2e-4"]
+    assert [flag(c, "--continue-adapter") for c in (stage17, stage19)] == [f"{w}/run15/final", f"{w}/run17/final"]
+    synths = training_data(calls, "--n", "--seed", "--signs")
+    assert synths[f"{w}/data"][2] == synths[f"{w}/data15"][2] == "proportional"
+    assert synths[f"{w}/data16"] == ("50", "101", "monospace") and synths[f"{w}/data17"][1:] == ("103", "monospace")
+    assert synths[f"{w}/data18"] == ("60", "105", "monospace") and synths[f"{w}/data19"][1:] == ("107", "proportional")
+    eval_split = [c for c in calls if c[1:3] == ["data", "synth"] and flag(c, "--split") == "eval"]
+    assert [flag(c, "--signs") for c in eval_split] == ["monospace"]
+    assert " EVAL_SIGNS=monospace " in recipe["command"] and "SIGNS16" not in recipe["command"]
+    assert recipe["command"].endswith("STEPS18=18 BATCH18=32 N_TRAIN18=60 SLACK18=3 STEPS19=19 BATCH19=8 N_TRAIN19=152 "
+                                      "SIGNS19=proportional scripts/train_demo.sh")
+    assert recipe["eval_signs"] == "monospace" and "signs" not in recipe
+    assert recipe["stage16_signs"] == recipe["stage18_signs"] == "monospace" and "stage19_signs" not in recipe
+    assert recipe["stage16"] == "smolvlm train " + " ".join(scene16[scene16.index("--objective"):])
