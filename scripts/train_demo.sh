@@ -206,7 +206,7 @@ for k in "${LATER_STAGES[@]}"; do  # each from the weights the stage before left
 done
 
 # Ship the trained tensors, then score the demo exactly as users get it (assembled from the shipped files).
-python -m smolvlm.demo export --run "$FINAL"
+python -m smolvlm.demo export --run "$FINAL" --adapter "$ADAPTER"  # a scene stage last: the adapter is an earlier one
 rm -rf "$WORK/cache"
 SMOLVLM_CACHE="$WORK/cache" smolvlm eval -m demo --data "$WORK/data/eval.jsonl" --out "$WORK/eval.json"
 end=$(date +%s)

@@ -227,3 +227,10 @@ def test_stages_16_to_19_train_on_monospaced_signs_at_their_own_rates(tmp_path):
     assert recipe["eval_signs"] == "monospace" and "signs" not in recipe
     assert recipe["stage16_signs"] == recipe["stage18_signs"] == "monospace" and "stage19_signs" not in recipe
     assert recipe["stage16"] == "smolvlm train " + " ".join(scene16[scene16.index("--objective"):])
+
+
+def test_a_scene_stage_last_ships_the_adapter_of_the_stage_before_it(tmp_path):
+    calls, _ = run_script(tmp_path, STEPS1="3", STEPS2="4", STEPS17="17", STEPS18="18")
+    w = tmp_path / "w"
+    export = [c for c in calls if c[:2] == ["demo", "export"]][0]
+    assert (flag(export, "--run"), flag(export, "--adapter")) == (f"{w}/scene18/final", f"{w}/run17/final")
