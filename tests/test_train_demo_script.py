@@ -71,6 +71,16 @@ def train_calls(calls: list[list[str]]) -> list[list[str]]:
     return [c for c in calls if c[:2] == ["smolvlm", "train"]]
 
 
+def chain(trains: list[list[str]]) -> list[tuple[str, str, str]]:
+    """Each `smolvlm train` call's start weights, output folder and data."""
+    return [(flag(c, "--model"), flag(c, "--out"), flag(c, "--data")) for c in trains]
+
+
+def export_call(calls: list[list[str]]) -> list[str]:
+    """The script's `python -m smolvlm.demo export` call."""
+    return next(c for c in calls if c[:2] == ["demo", "export"])
+
+
 def training_data(calls: list[list[str]], *names: str) -> dict[str, tuple[str, ...]]:
     """Each `smolvlm data synth --split train` call's output folder and the values of its flags `names`."""
     return {flag(c, "--out"): tuple(flag(c, name) for name in names)
@@ -92,7 +102,7 @@ def test_every_stage_starts_from_the_last_ones_weights_and_the_recipe_names_them
     synths = training_data(calls, "--n", "--seed", "--tasks")
     assert synths[f"{w}/data3"][:2] == ("40", "61") and synths[f"{w}/data4"] == ("48", "63", "count=1")
     assert [c[1] for c in calls if c[0] == "demo"] == ["base", "export", "manifest"]
-    assert flag([c for c in calls if c[:2] == ["demo", "export"]][0], "--run") == f"{w}/run4/final"
+    assert flag(export_call(calls), "--run") == f"{w}/run4/final"
     assert recipe["command"] == ("SEED=0 STEPS1=3 STEPS2=4 BATCH1=32 BATCH=8 N_TRAIN=20 SHARDS=1 DATA_WORKERS=0 "
                                  "STEPS3=5 BATCH3=8 N_TRAIN3=40 STEPS4=6 BATCH4=8 N_TRAIN4=48 TASKS4=count=1 "
                                  "scripts/train_demo.sh")
@@ -106,7 +116,7 @@ def test_the_later_stages_chain_scene_and_answer_stages_and_the_recipe_names_the
                                STEPS7="7", STEPS8="8", TASKS8="chart=1")
     w = tmp_path / "w"
     trains = train_calls(calls)
-    assert [(flag(c, "--model"), flag(c, "--out"), flag(c, "--data")) for c in trains[2:]] == [
+    assert chain(trains[2:]) == [
         (f"{w}/run/final", f"{w}/scene5", f"{w}/data5/train.jsonl"),
         (f"{w}/scene5/final", f"{w}/run6", f"{w}/data5/train.jsonl"),
         (f"{w}/run6/final", f"{w}/run7", f"{w}/data7/train.jsonl"),
@@ -120,7 +130,7 @@ def test_the_later_stages_chain_scene_and_answer_stages_and_the_recipe_names_the
     synths = training_data(calls, "--n", "--seed")
     assert synths == {f"{w}/data": ("6000", "0"), f"{w}/data5": ("50", "65"), f"{w}/data7": ("56", "67"),
                       f"{w}/data8": ("64", "69")}
-    assert flag([c for c in calls if c[:2] == ["demo", "export"]][0], "--run") == f"{w}/run8/final"
+    assert flag(export_call(calls), "--run") == f"{w}/run8/final"
     assert recipe["command"].endswith("STEPS5=5 BATCH5=32 N_TRAIN5=50 SLACK5=3 STEPS6=6 BATCH6=8 STEPS7=7 BATCH7=8 "
                                       "N_TRAIN7=56 STEPS8=8 BATCH8=8 N_TRAIN8=64 TASKS8=chart=1 scripts/train_demo.sh")
     assert "stage6_tasks" not in recipe and recipe["n_train5"] == 50 and recipe["stage8_tasks"] == "chart=1"
@@ -133,7 +143,7 @@ def test_stages_9_to_15_rerun_the_scene_objective_then_train_the_adapter_over_it
                                STEPS14="14", STEPS15="15")
     w = tmp_path / "w"
     trains = train_calls(calls)
-    assert [(flag(c, "--model"), flag(c, "--out"), flag(c, "--data")) for c in trains[3:]] == [
+    assert chain(trains[3:]) == [
         (f"{w}/run8/final", f"{w}/scene9", f"{w}/data9/train.jsonl"),
         (f"{w}/scene9/final", f"{w}/run10", f"{w}/data10/train.jsonl"),
         (f"{w}/run10/final", f"{w}/run11", f"{w}/data11/train.jsonl"),
@@ -158,7 +168,7 @@ def test_stages_9_to_15_rerun_the_scene_objective_then_train_the_adapter_over_it
     assert synths[f"{w}/data13"] == ("104", "93", "colour=1,exists=2,count=4,spatial=1,chart=3")
     assert synths[f"{w}/data14"] == ("112", "95", "colour=1,exists=2,count=6,spatial=1,chart=3")
     assert synths[f"{w}/data15"] == ("120", "97", synths[f"{w}/data13"][2])
-    assert flag([c for c in calls if c[:2] == ["demo", "export"]][0], "--run") == f"{w}/run15/final"
+    assert flag(export_call(calls), "--run") == f"{w}/run15/final"
     assert recipe["command"].endswith("STEPS9=9 BATCH9=32 N_TRAIN9=288 SLACK9=3 STEPS10=10 BATCH10=8 N_TRAIN10=40 "
                                       "STEPS11=11 BATCH11=8 N_TRAIN11=88 STEPS12=12 BATCH12=8 N_TRAIN12=96 "
                                       "STEPS13=13 BATCH13=8 N_TRAIN13=104 STEPS14=14 BATCH14=8 N_TRAIN14=112 "
@@ -206,7 +216,7 @@ def test_stages_16_to_19_train_on_monospaced_signs_at_their_own_rates(tmp_path):
                                SIGNS19="proportional", EVAL_SIGNS="monospace")
     w = tmp_path / "w"
     trains = train_calls(calls)
-    assert [(flag(c, "--model"), flag(c, "--out"), flag(c, "--data")) for c in trains[3:]] == [
+    assert chain(trains[3:]) == [
         (f"{w}/run15/final", f"{w}/scene16", f"{w}/data16/train.jsonl"),
         (f"{w}/scene16/final", f"{w}/run17", f"{w}/data17/train.jsonl"),
         (f"{w}/run17/final", f"{w}/scene18", f"{w}/data18/train.jsonl"),
@@ -232,5 +242,5 @@ def test_stages_16_to_19_train_on_monospaced_signs_at_their_own_rates(tmp_path):
 def test_a_scene_stage_last_ships_the_adapter_of_the_stage_before_it(tmp_path):
     calls, _ = run_script(tmp_path, STEPS1="3", STEPS2="4", STEPS17="17", STEPS18="18")
     w = tmp_path / "w"
-    export = [c for c in calls if c[:2] == ["demo", "export"]][0]
+    export = export_call(calls)
     assert (flag(export, "--run"), flag(export, "--adapter")) == (f"{w}/scene18/final", f"{w}/run17/final")
