@@ -20,7 +20,9 @@
 #   -> stage 16 (STEPS16 > 0): the scene objective at a high rate (2e-3), long, on scenes whose signs are set in a
 #      monospaced font (SIGNS16), so that each image token holds a fixed share of a word's letters
 #   -> stage 17 (STEPS17 > 0): the adapter over those tokens, on a mix with the (monospaced) signs back in it
-#   -> stages 18 and 19 (STEPS18, STEPS19 > 0): the scene objective once more at 1e-3, then the adapter over it
+#   -> stages 18 and 19 (STEPS18, STEPS19 > 0): the scene objective once more at 1e-3, then the adapter over it,
+#      with plain-text chat mixed in (CHAT_STAGES): `smolvlm data chat` has the untrained base (SmolLM2 itself)
+#      answer scripts/chat_prompts.txt, so that the adapter keeps SmolLM2's chat while it learns the signs
 #   -> export (vision/connector, LoRA) -> `smolvlm eval` of the demo as users get it -> manifest.
 # Usage: scripts/train_demo.sh [WORK_DIR]
 #   env: SEED, STEPS1, STEPS2, BATCH1 (stage 1), BATCH (stage 2), N_TRAIN, N_EVAL, THREADS,
@@ -33,6 +35,7 @@
 #        SEED + DATA_SEEDS[k]; stage 6 trains on stage 5's data), SLACKk (a scene stage's centre slack);
 #        the stages' learning rates are SCENE_LRS and ANSWER_LRS below,
 #        SLACK1 (stage 1 names a shape near a token border on either side, `--centre-slack` pixels; unset as shipped),
+#        CHAT_REPEAT (each self-distilled chat sample's copies in a CHAT_STAGES stage's data; 7),
 #        SHARDS (training data written by this many parallel `data synth` runs, shard k seeded SEED + 100k),
 #        DATA_WORKERS (processes building batches; a GPU needs several, the CPU recipe uses a background thread),
 #        COMPILE=1 (both stages torch.compile their layers: fewer, larger kernels for a GPU),
@@ -55,6 +58,8 @@ N_EVAL=${N_EVAL:-1400}  # 200 questions a task; the first 280 are the eval split
 SIGNS=${SIGNS:-proportional}
 EVAL_SIGNS=${EVAL_SIGNS:-$SIGNS}
 SLACK1=${SLACK1:-}
+CHAT_REPEAT=${CHAT_REPEAT:-7}
+CHAT_PROMPTS="$(cd "$(dirname "$0")" && pwd)/chat_prompts.txt"
 export OMP_NUM_THREADS=${THREADS:-2}
 SHIPPED_TASKS="colour=1,exists=1,count=1.5,spatial=1,ocr=1.5,grounding=0.5,chart=1.5"
 TRAIN_TASKS=${TRAIN_TASKS:-$SHIPPED_TASKS}
@@ -72,6 +77,8 @@ SIGNS_CHARTS="colour=1,exists=2,count=4,spatial=1,chart=4,ocr=4"  # stage 19
 LATER_STAGES=(3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19)
 SCENE_STAGES=" 5 9 16 18 "  # the later stages of the scene objective; the others train the adapter on the answers
 is_scene_stage() { [[ "$SCENE_STAGES" == *" $1 "* ]]; }
+CHAT_STAGES=" 19 "  # the answer stages whose data has the base model's own plain-text chat mixed in
+is_chat_stage() { [[ "$CHAT_STAGES" == *" $1 "* ]]; }
 # the mix of each later stage with data of its own (stage 6 trains on stage 5's) and the seed offset of that data
 DEFAULT_TASKS=([3]="$FOCUS_TASKS" [4]="$FOCUS_TASKS" [5]="$FOCUS_TASKS" [7]="$CHARTS_UP" [8]="$CHARTS_MOSTLY"
                [9]="$FOCUS_TASKS" [10]="$COUNT_CHARTS" [11]="$COUNT_CHARTS" [12]="$COUNT_MOSTLY"
@@ -155,6 +162,12 @@ elif [ ! -f "$WORK/data/train.jsonl" ]; then
 fi
 synth "$WORK/data" "$N_EVAL" "$((SEED + 1))" eval "$EVAL_TASKS" "$EVAL_SIGNS"
 [ -f "$WORK/base/model.safetensors" ] || python -m smolvlm.demo base --out "$WORK/base" --seed "$SEED"
+CHAT_ARGS=(--model "$WORK/base" --out "$WORK/chat" --repeat "$CHAT_REPEAT" --json)  # and --prompts CHAT_PROMPTS
+for k in $CHAT_STAGES; do  # the chat samples, once, if a stage that mixes them in runs
+    steps="STEPS$k"
+    [ "${!steps}" -gt 0 ] && [ ! -f "$WORK/chat/train.jsonl" ] || continue
+    smolvlm data chat --prompts "$CHAT_PROMPTS" "${CHAT_ARGS[@]}"
+done
 [ -z "${PREPARE_ONLY:-}" ] || exit 0  # data and base only
 
 if [ -n "${TIME_BUDGET:-}" ] && [ ! -f "$WORK/run/final/model.safetensors" ]; then
@@ -182,11 +195,12 @@ own_data() {  # own_data K: stage K's data, N_TRAINk samples of TASKSk with SIGN
     local n="N_TRAIN$1" tasks="TASKS$1" signs="SIGNS$1"
     synth "$WORK/data$1" "${!n}" "$((SEED + DATA_SEEDS[$1]))" train "${!tasks}" "${!signs}"
 }
-answers_stage() {  # answers_stage K DATA: stage K trains the adapter on, on DATA (a `data synth` folder)
-    local k=$1
+answers_stage() {  # answers_stage K DATA: stage K trains the adapter on, on DATA (a `data synth` folder) + the chat
+    local k=$1 data="$2/train.jsonl"
     local -n args="STAGE$k"
+    ! is_chat_stage "$k" || data="$data,$WORK/chat/train.jsonl"
     [ -f "$WORK/run$k/final/model.safetensors" ] || smolvlm train --model "$FINAL" --continue-adapter "$ADAPTER" \
-        --data "$2/train.jsonl" --out "$WORK/run$k" "${args[@]}"
+        --data "$data" --out "$WORK/run$k" "${args[@]}"
     FINAL="$WORK/run$k/final"
     ADAPTER="$FINAL"
 }
@@ -215,6 +229,7 @@ COMMAND="$COMMAND DATA_WORKERS=$DATA_WORKERS${COMPILE:+ COMPILE=$COMPILE}"
 [ "$SIGNS" = proportional ] || COMMAND="$COMMAND SIGNS=$SIGNS"
 [ "$EVAL_SIGNS" = "$SIGNS" ] || COMMAND="$COMMAND EVAL_SIGNS=$EVAL_SIGNS"
 [ -z "$SLACK1" ] || COMMAND="$COMMAND SLACK1=$SLACK1"
+[ "$CHAT_REPEAT" = 7 ] || COMMAND="$COMMAND CHAT_REPEAT=$CHAT_REPEAT"
 [ "$TRAIN_TASKS" = "$SHIPPED_TASKS" ] || COMMAND="$COMMAND TRAIN_TASKS=$TRAIN_TASKS"
 FIELDS=(command= train_tasks="$TRAIN_TASKS" n_train="$N_TRAIN" eval_tasks="$EVAL_TASKS" n_eval="$N_EVAL"
         stage1="smolvlm train ${STAGE1[*]}" stage2="smolvlm train ${STAGE2[*]}")  # the manifest's recipe
@@ -234,6 +249,8 @@ for k in "${LATER_STAGES[@]}"; do  # the command and the recipe name a later sta
     slack="SLACK$k"  # the scene stages' centre slack
     ! is_scene_stage "$k" || [ -z "${!slack}" ] || COMMAND="$COMMAND $slack=${!slack}"
     FIELDS+=("stage$k=smolvlm train ${!stage}")
+    ! is_chat_stage "$k" || \
+        FIELDS+=("stage${k}_chat=smolvlm data chat --prompts scripts/chat_prompts.txt ${CHAT_ARGS[*]}")
 done
 FIELDS[0]="command=$COMMAND scripts/train_demo.sh"
 RECIPE=$(python -c 'import json, sys

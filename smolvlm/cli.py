@@ -19,7 +19,8 @@ DELEGATED = {
     "serve": ("smolvlm.serve.app", "main", "start the OpenAI-compatible HTTP server with its web page"),
     "train": ("smolvlm.train.commands", "train_main", "fine-tune a model (full, staged, LoRA, distillation)"),
     "eval": ("smolvlm.train.commands", "eval_main", "generate answers for a dataset and score them"),
-    "data": ("smolvlm.train.commands", "data_main", "make datasets (`data synth`: synthetic scenes)"),
+    "data": ("smolvlm.train.commands", "data_main",
+             "make datasets (`data synth`: synthetic scenes; `data chat`: a model's own plain-text answers)"),
     "merge-lora": ("smolvlm.train.commands", "merge_lora_main", "merge a LoRA adapter into a full checkpoint"),
 }
 

@@ -20,13 +20,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 FAKE_SMOLVLM = """#!/usr/bin/env bash
 echo "smolvlm $*" >> "$CALLS"
-out=""; split=""
+kind="$1 $2"; out=""; split=""
 while [ $# -gt 0 ]; do
     case "$1" in --out) out=$2; shift;; --split) split=$2; shift;; esac
     shift
 done
 if [ -n "$split" ]; then
     mkdir -p "$out" && touch "$out/$split.jsonl"
+elif [ "$kind" = "data chat" ]; then
+    mkdir -p "$out" && touch "$out/train.jsonl"
 else
     mkdir -p "$out/final" && touch "$out/final/model.safetensors"
 fi
@@ -197,7 +199,7 @@ def test_the_shipped_command_gives_the_shipped_recipe(tmp_path):
 def test_stages_left_at_zero_steps_are_neither_run_nor_recorded(tmp_path):
     calls, recipe = run_script(tmp_path, STEPS1="3", STEPS2="4")
     assert len(train_calls(calls)) == 2
-    assert not any("--centre-slack" in c for c in calls)
+    assert not any("--centre-slack" in c for c in calls) and not any(c[1:3] == ["data", "chat"] for c in calls)
     assert not any(key.startswith(("stage3", "stage4", "stage5", "stage6", "n_train3")) for key in recipe)
     assert recipe["command"].endswith("DATA_WORKERS=0 scripts/train_demo.sh")
 
@@ -213,15 +215,21 @@ def test_stage_1_takes_a_centre_slack_and_records_it(tmp_path):
 def test_stages_16_to_19_train_on_monospaced_signs_at_their_own_rates(tmp_path):
     calls, recipe = run_script(tmp_path, STEPS1="3", STEPS2="4", STEPS15="15", STEPS16="16", SLACK16="3",
                                N_TRAIN16="50", STEPS17="17", STEPS18="18", N_TRAIN18="60", SLACK18="3", STEPS19="19",
-                               SIGNS19="proportional", EVAL_SIGNS="monospace")
+                               SIGNS19="proportional", EVAL_SIGNS="monospace", CHAT_REPEAT="2")
     w = tmp_path / "w"
     trains = train_calls(calls)
     assert chain(trains[3:]) == [
         (f"{w}/run15/final", f"{w}/scene16", f"{w}/data16/train.jsonl"),
         (f"{w}/scene16/final", f"{w}/run17", f"{w}/data17/train.jsonl"),
         (f"{w}/run17/final", f"{w}/scene18", f"{w}/data18/train.jsonl"),
-        (f"{w}/scene18/final", f"{w}/run19", f"{w}/data19/train.jsonl")]
+        (f"{w}/scene18/final", f"{w}/run19", f"{w}/data19/train.jsonl,{w}/chat/train.jsonl")]
     scene16, stage17, scene18, stage19 = trains[3:]
+    chats = [c for c in calls if c[1:3] == ["data", "chat"]]  # the base's own answers, once, mixed into stage 19
+    assert len(chats) == 1 and (flag(chats[0], "--model"), flag(chats[0], "--repeat")) == (f"{w}/base", "2")
+    assert flag(chats[0], "--prompts") == str(ROOT / "scripts" / "chat_prompts.txt")
+    assert recipe["stage19_chat"] == ("smolvlm data chat --prompts scripts/chat_prompts.txt "
+                                      f"--model {w}/base --out {w}/chat --repeat 2 --json")
+    assert "stage17_chat" not in recipe and " CHAT_REPEAT=2 " in recipe["command"]
     assert [flag(c, "--objective") for c in (scene16, scene18)] == ["scene", "scene"]
     assert [flag(c, "--lr") for c in trains[3:]] == ["2e-3", "2e-4", "1e-3", "2e-4"]
     assert [flag(c, "--continue-adapter") for c in (stage17, stage19)] == [f"{w}/run15/final", f"{w}/run17/final"]

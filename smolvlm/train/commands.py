@@ -158,14 +158,20 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
 # ----------------------------------------------------------------------------------------------- data
 
 def data_main(argv: Sequence[str] | None = None) -> int:
-    """`smolvlm data synth ...` (synthetic dataset) or `smolvlm data check --model DIR --data FILE`."""
+    """`smolvlm data synth ...` (synthetic dataset), `smolvlm data chat ...` (self-distilled plain-text samples) or
+    `smolvlm data check --model DIR --data FILE`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["synth"]:
         from smolvlm.train.synthetic import main as synth_main
 
         return synth_main(argv[1:])
+    if argv[:1] == ["chat"]:
+        from smolvlm.train.self_distill import main as chat_main
+
+        return chat_main(argv[1:])
     parser = argparse.ArgumentParser(prog="smolvlm data check", description="Encode every sample; report bad ones.")
-    parser.add_argument("command", choices=["check"], help="synth (see `smolvlm data synth -h`) or check")
+    parser.add_argument("command", choices=["check"],
+                        help="synth or chat (see `smolvlm data synth -h`, `smolvlm data chat -h`) or check")
     parser.add_argument("--model", required=True, help="checkpoint whose processor encodes the data")
     parser.add_argument("--data", required=True)
     parser.add_argument("--max-length", type=int, default=2048)

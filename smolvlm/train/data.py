@@ -227,7 +227,10 @@ def _cauldron_row(data: Any, index: int) -> list[dict[str, Any]]:
 
 
 def load_samples(path: str | Path, bad: BadData | None = None, split: str = "train") -> list[Sample]:
-    """JSONL file, saved HF dataset folder or parquet — whichever `path` is."""
+    """JSONL file, saved HF dataset folder or parquet — whichever `path` is; several joined by commas, in order."""
+    if isinstance(path, str) and "," in path and not Path(path).exists():
+        return [sample for part in path.split(",") if part.strip()
+                for sample in load_samples(part.strip(), bad, split)]
     path = Path(path)
     if path.suffix in (".jsonl", ".json"):
         return load_jsonl(path, bad)

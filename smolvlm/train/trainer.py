@@ -62,7 +62,7 @@ class TrainConfig:
 
     objective: str = "lm"  # lm: next-token loss on the answers; scene: dense scene labels for the vision tower
     model: str = ""  # base checkpoint folder
-    data: str = ""  # JSONL, saved HF dataset folder or parquet
+    data: str = ""  # JSONL, saved HF dataset folder or parquet; several joined by commas
     out: str = "runs/train"
     eval_data: str = ""  # eval JSONL (metrics.score per task)
     teacher: str = ""  # distillation teacher folder
