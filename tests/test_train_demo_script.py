@@ -252,3 +252,16 @@ def test_a_scene_stage_last_ships_the_adapter_of_the_stage_before_it(tmp_path):
     w = tmp_path / "w"
     export = export_call(calls)
     assert (flag(export, "--run"), flag(export, "--adapter")) == (f"{w}/scene18/final", f"{w}/run17/final")
+
+
+def test_stage_20_goes_on_from_stage_19_with_the_chat_written_once(tmp_path):
+    calls, recipe = run_script(tmp_path, STEPS1="3", STEPS2="4", STEPS19="19", STEPS20="20")
+    w = tmp_path / "w"
+    stage19, stage20 = train_calls(calls)[2:]
+    assert chain([stage20]) == [(f"{w}/run19/final", f"{w}/run20", f"{w}/data20/train.jsonl,{w}/chat/train.jsonl")]
+    assert flag(stage20, "--continue-adapter") == f"{w}/run19/final" and flag(stage20, "--lr") == "2e-4"
+    assert len([c for c in calls if c[1:3] == ["data", "chat"]]) == 1
+    assert training_data(calls, "--n", "--seed", "--signs", "--tasks")[f"{w}/data20"] == (
+        "160", "109", "monospace", "colour=1,exists=2,count=4,spatial=2,chart=4,ocr=8")
+    assert recipe["stage20_chat"] == recipe["stage19_chat"] and recipe["command"].endswith(
+        "STEPS19=19 BATCH19=8 N_TRAIN19=152 STEPS20=20 BATCH20=8 N_TRAIN20=160 scripts/train_demo.sh")
