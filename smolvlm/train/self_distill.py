@@ -19,6 +19,7 @@ from typing import Any, Sequence
 from tqdm import tqdm
 
 from smolvlm.errors import DataError, SmolVLMError
+from smolvlm.train.synthetic import qa_record
 
 # The end of a sentence (. ! ? then a space or the end) or of a line (a list item); not a list number's "3. ".
 _SENTENCE_END = re.compile(r"(?<!^\d)(?<!^\d\d)[.!?](?=\s|$)|\n", re.MULTILINE)
@@ -42,11 +43,10 @@ def whole_sentences(text: str) -> str:
     return text[: ends[-1]].strip() if ends else ""
 
 
-def chat_record(sample_id: str, prompt: str, answer: str, meta: dict[str, Any]) -> dict[str, Any]:
-    """One JSONL line of the training format: a user text turn and the assistant's answer, no image."""
-    messages = [{"role": "user", "content": [{"type": "text", "text": prompt}]},
-                {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
-    return {"id": sample_id, "task": "chat", "messages": messages, "meta": meta}
+def check_repeat(repeat: int) -> None:
+    """Refuse a copy count below one."""
+    if repeat < 1:
+        raise DataError(f"--repeat must be 1 or more, got {repeat}")
 
 
 def answer_prompts(vlm: Any, prompts: Sequence[str], max_new_tokens: int = 96, batch_size: int = 8,
@@ -71,8 +71,7 @@ def write_chat_dataset(out_dir: str | Path, vlm: Any, prompts: Sequence[str], re
 
     A prompt whose answer has no finished sentence within `max_new_tokens` is left out.
     """
-    if repeat < 1:
-        raise DataError(f"--repeat must be 1 or more, got {repeat}")
+    check_repeat(repeat)
     answers = answer_prompts(vlm, prompts, max_new_tokens, batch_size, progress)
     kept = [(i, p, a, finish) for i, (p, (a, finish)) in enumerate(zip(prompts, answers)) if a]
     out = Path(out_dir)
@@ -82,8 +81,8 @@ def write_chat_dataset(out_dir: str | Path, vlm: Any, prompts: Sequence[str], re
         for copy in range(repeat):
             for i, prompt, answer, finish in kept:
                 meta = {"prompt_index": i, "copy": copy, "finish_reason": finish}
-                f.write(json.dumps(chat_record(f"chat-{i:04d}-{copy}", prompt, answer, meta), ensure_ascii=False)
-                        + "\n")
+                record = qa_record(f"chat-{i:04d}-{copy}", "chat", [], prompt, answer, meta)  # no image
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
     return path, len(kept)
 
 
@@ -104,8 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         prompts = read_prompts(args.prompts)
-        if args.repeat < 1:
-            raise DataError(f"--repeat must be 1 or more, got {args.repeat}")
+        check_repeat(args.repeat)  # before the model loads
         from smolvlm.api import load
 
         vlm = load(args.model, device=args.device)

@@ -736,8 +736,8 @@ def task_schedule(mix: Mapping[str, float], n: int) -> list[str]:
     return schedule
 
 
-def _record(sample_id: str, task: str, image_paths: Sequence[str], question: str, answer: str,
-            meta: Mapping[str, Any]) -> dict[str, Any]:
+def qa_record(sample_id: str, task: str, image_paths: Sequence[str], question: str, answer: str,
+               meta: Mapping[str, Any]) -> dict[str, Any]:
     """One JSONL line: a user turn with the images then the question, an assistant turn with the answer."""
     content: list[dict[str, str]] = [{"type": "image", "image": p} for p in image_paths]
     content.append({"type": "text", "text": question})
@@ -767,7 +767,7 @@ def write_dataset(out_dir: str | Path, n: int, seed: int, split: str = "train",
                 [f"{split}-{index:06d}-{k}.png" for k in range(len(images))]
             for image, name in zip(images, names):
                 image.save(out / "images" / name, format="PNG")
-            record = _record(f"{split}-{index:06d}", task, [f"images/{nm}" for nm in names], question, answer, meta)
+            record = qa_record(f"{split}-{index:06d}", task, [f"images/{nm}" for nm in names], question, answer, meta)
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     return path
 
