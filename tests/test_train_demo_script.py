@@ -265,3 +265,15 @@ def test_stage_20_goes_on_from_stage_19_with_the_chat_written_once(tmp_path):
         "160", "109", "monospace", "colour=1,exists=2,count=4,spatial=2,chart=4,ocr=8")
     assert recipe["stage20_chat"] == recipe["stage19_chat"] and recipe["command"].endswith(
         "STEPS19=19 BATCH19=8 N_TRAIN19=152 STEPS20=20 BATCH20=8 N_TRAIN20=160 scripts/train_demo.sh")
+
+
+def test_stage_21_goes_on_from_stage_20_on_a_mix_of_its_own(tmp_path):
+    calls, recipe = run_script(tmp_path, STEPS1="3", STEPS2="4", STEPS20="20", STEPS21="21")
+    w = tmp_path / "w"
+    stage21 = train_calls(calls)[-1]
+    assert chain([stage21]) == [(f"{w}/run20/final", f"{w}/run21", f"{w}/data21/train.jsonl,{w}/chat/train.jsonl")]
+    assert flag(stage21, "--continue-adapter") == f"{w}/run20/final" and flag(stage21, "--lr") == "2e-4"
+    assert training_data(calls, "--n", "--seed", "--signs", "--tasks")[f"{w}/data21"] == (
+        "168", "111", "monospace", "colour=1,exists=2,count=5,spatial=2,chart=4,ocr=10")
+    assert recipe["stage21_chat"] == recipe["stage20_chat"] and recipe["command"].endswith(
+        "STEPS20=20 BATCH20=8 N_TRAIN20=160 STEPS21=21 BATCH21=8 N_TRAIN21=168 scripts/train_demo.sh")
