@@ -277,3 +277,20 @@ def test_stage_21_goes_on_from_stage_20_on_a_mix_of_its_own(tmp_path):
         "168", "111", "monospace", "colour=1,exists=2,count=5,spatial=2,chart=4,ocr=10")
     assert recipe["stage21_chat"] == recipe["stage20_chat"] and recipe["command"].endswith(
         "STEPS20=20 BATCH20=8 N_TRAIN20=160 STEPS21=21 BATCH21=8 N_TRAIN21=168 scripts/train_demo.sh")
+
+
+def test_stages_22_and_23_a_scene_stage_then_the_adapter_of_stage_21_over_it(tmp_path):
+    calls, recipe = run_script(tmp_path, STEPS1="3", STEPS2="4", STEPS21="21", STEPS22="22", STEPS23="23")
+    w = tmp_path / "w"
+    stage22, stage23 = train_calls(calls)[-2:]
+    assert chain([stage22, stage23]) == [
+        (f"{w}/run21/final", f"{w}/scene22", f"{w}/data22/train.jsonl"),
+        (f"{w}/scene22/final", f"{w}/run23", f"{w}/data23/train.jsonl,{w}/chat/train.jsonl")]
+    assert [flag(stage22, name) for name in ("--objective", "--lr", "--batch-size")] == ["scene", "5e-4", "32"]
+    assert flag(stage23, "--continue-adapter") == f"{w}/run21/final" and flag(stage23, "--lr") == "2e-4"
+    data = training_data(calls, "--n", "--seed", "--signs", "--tasks")
+    assert data[f"{w}/data22"] == (
+        "704", "113", "monospace", "colour=1,exists=1,count=1.5,spatial=1,ocr=4,grounding=0.5,chart=1.5")
+    assert data[f"{w}/data23"] == ("184", "115", "monospace", "colour=1,exists=2,count=5,spatial=2,chart=4,ocr=10")
+    assert flag(export_call(calls), "--run") == f"{w}/run23/final"
+    assert "stage22_chat" not in recipe and recipe["stage23_chat"] == recipe["stage21_chat"]
