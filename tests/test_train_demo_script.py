@@ -254,29 +254,20 @@ def test_a_scene_stage_last_ships_the_adapter_of_the_stage_before_it(tmp_path):
     assert (flag(export, "--run"), flag(export, "--adapter")) == (f"{w}/scene18/final", f"{w}/run17/final")
 
 
-def test_stage_20_goes_on_from_stage_19_with_the_chat_written_once(tmp_path):
-    calls, recipe = run_script(tmp_path, STEPS1="3", STEPS2="4", STEPS19="19", STEPS20="20")
+@pytest.mark.parametrize("k, seed, mix", [(20, "109", "colour=1,exists=2,count=4,spatial=2,chart=4,ocr=8"),
+                                           (21, "111", "colour=1,exists=2,count=5,spatial=2,chart=4,ocr=10")])
+def test_stages_20_and_21_go_on_from_the_stage_before_with_the_chat_written_once(tmp_path, k, seed, mix):
+    calls, recipe = run_script(tmp_path, STEPS1="3", STEPS2="4", **{f"STEPS{k - 1}": str(k - 1), f"STEPS{k}": str(k)})
     w = tmp_path / "w"
-    stage19, stage20 = train_calls(calls)[2:]
-    assert chain([stage20]) == [(f"{w}/run19/final", f"{w}/run20", f"{w}/data20/train.jsonl,{w}/chat/train.jsonl")]
-    assert flag(stage20, "--continue-adapter") == f"{w}/run19/final" and flag(stage20, "--lr") == "2e-4"
+    _, stage = train_calls(calls)[2:]
+    assert chain([stage]) == [(f"{w}/run{k - 1}/final", f"{w}/run{k}", f"{w}/data{k}/train.jsonl,{w}/chat/train.jsonl")]
+    assert flag(stage, "--continue-adapter") == f"{w}/run{k - 1}/final" and flag(stage, "--lr") == "2e-4"
     assert len([c for c in calls if c[1:3] == ["data", "chat"]]) == 1
-    assert training_data(calls, "--n", "--seed", "--signs", "--tasks")[f"{w}/data20"] == (
-        "160", "109", "monospace", "colour=1,exists=2,count=4,spatial=2,chart=4,ocr=8")
-    assert recipe["stage20_chat"] == recipe["stage19_chat"] and recipe["command"].endswith(
-        "STEPS19=19 BATCH19=8 N_TRAIN19=152 STEPS20=20 BATCH20=8 N_TRAIN20=160 scripts/train_demo.sh")
-
-
-def test_stage_21_goes_on_from_stage_20_on_a_mix_of_its_own(tmp_path):
-    calls, recipe = run_script(tmp_path, STEPS1="3", STEPS2="4", STEPS20="20", STEPS21="21")
-    w = tmp_path / "w"
-    stage21 = train_calls(calls)[-1]
-    assert chain([stage21]) == [(f"{w}/run20/final", f"{w}/run21", f"{w}/data21/train.jsonl,{w}/chat/train.jsonl")]
-    assert flag(stage21, "--continue-adapter") == f"{w}/run20/final" and flag(stage21, "--lr") == "2e-4"
-    assert training_data(calls, "--n", "--seed", "--signs", "--tasks")[f"{w}/data21"] == (
-        "168", "111", "monospace", "colour=1,exists=2,count=5,spatial=2,chart=4,ocr=10")
-    assert recipe["stage21_chat"] == recipe["stage20_chat"] and recipe["command"].endswith(
-        "STEPS20=20 BATCH20=8 N_TRAIN20=160 STEPS21=21 BATCH21=8 N_TRAIN21=168 scripts/train_demo.sh")
+    assert training_data(calls, "--n", "--seed", "--signs", "--tasks")[f"{w}/data{k}"] == (
+        str(8 * k), seed, "monospace", mix)
+    assert recipe[f"stage{k}_chat"] == recipe[f"stage{k - 1}_chat"] and recipe["command"].endswith(
+        f"STEPS{k - 1}={k - 1} BATCH{k - 1}=8 N_TRAIN{k - 1}={8 * (k - 1)} STEPS{k}={k} BATCH{k}=8 N_TRAIN{k}={8 * k}"
+        " scripts/train_demo.sh")
 
 
 def test_stages_22_and_23_a_scene_stage_then_the_adapter_of_stage_21_over_it(tmp_path):
