@@ -26,6 +26,7 @@
 #   -> stage 20 (STEPS20 > 0): the adapter once more, on a mix weighing the signs up, the chat mixed in again
 #   -> stage 21 (STEPS21 > 0): the adapter again, longer, on fresh samples weighing the signs (and counting) up more
 #   -> stages 22 and 23 (STEPS22, STEPS23 > 0): the scene objective once more at 5e-4, then the adapter over it
+#   -> stage 24 (STEPS24 > 0): the adapter once more, gently, on a mix weighing the bar charts up, fewer signs
 #   -> export (vision/connector, LoRA) -> `smolvlm eval` of the demo as users get it -> manifest.
 # Usage: scripts/train_demo.sh [WORK_DIR]
 #   env: SEED, STEPS1, STEPS2, BATCH1 (stage 1), BATCH (stage 2), N_TRAIN, N_EVAL, THREADS,
@@ -33,7 +34,7 @@
 #        of stages 1 to 15), SIGNSk (stage k's own data; monospace from stage 16 on), EVAL_SIGNS (the eval split's;
 #        SIGNS unless set),
 #        TRAIN_TASKS (the training mix, `data synth --tasks`; both stages train on it),
-#        STEPSk, BATCHk, N_TRAINk, TASKSk for each later stage k = 3 ... 23 (steps (0: no stage k), batch (32 for
+#        STEPSk, BATCHk, N_TRAINk, TASKSk for each later stage k = 3 ... 24 (steps (0: no stage k), batch (32 for
 #        the scene stages 5, 9, 16, 18 and 22, else 8), samples (default STEPSk x BATCHk) and mix of its own data,
 #        seeded SEED + DATA_SEEDS[k]; stage 6 trains on stage 5's data), SLACKk (a scene stage's centre slack);
 #        the stages' learning rates are SCENE_LRS and ANSWER_LRS below,
@@ -79,25 +80,26 @@ SIGNS_BACK="colour=1,exists=2,count=4,spatial=1,chart=3,ocr=3"  # stage 17
 SIGNS_CHARTS="colour=1,exists=2,count=4,spatial=1,chart=4,ocr=4"  # stage 19
 SIGNS_MOSTLY="colour=1,exists=2,count=4,spatial=2,chart=4,ocr=8"  # stage 20
 SIGNS_MORE="colour=1,exists=2,count=5,spatial=2,chart=4,ocr=10"  # stages 21 and 23
-LATER_STAGES=(3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23)
+CHARTS_SIGNS="colour=1,exists=2,count=2.5,spatial=2,chart=4,ocr=2,grounding=0.25"  # stage 24
+LATER_STAGES=(3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24)
 SCENE_STAGES=" 5 9 16 18 22 "  # the later stages of the scene objective; the others train the adapter on the answers
 is_scene_stage() { [[ "$SCENE_STAGES" == *" $1 "* ]]; }
-CHAT_STAGES=" 19 20 21 23 "  # the answer stages whose data has the base model's own plain-text chat mixed in
+CHAT_STAGES=" 19 20 21 23 24 "  # the answer stages whose data has the base model's own plain-text chat mixed in
 is_chat_stage() { [[ "$CHAT_STAGES" == *" $1 "* ]]; }
 # the mix of each later stage with data of its own (stage 6 trains on stage 5's) and the seed offset of that data
 DEFAULT_TASKS=([3]="$FOCUS_TASKS" [4]="$FOCUS_TASKS" [5]="$FOCUS_TASKS" [7]="$CHARTS_UP" [8]="$CHARTS_MOSTLY"
                [9]="$FOCUS_TASKS" [10]="$COUNT_CHARTS" [11]="$COUNT_CHARTS" [12]="$COUNT_MOSTLY"
                [13]="$COUNT_EXISTS" [14]="$COUNT_MORE" [15]="$COUNT_EXISTS" [16]="$SIGN_SCENES" [17]="$SIGNS_BACK"
                [18]="$SIGN_SCENES" [19]="$SIGNS_CHARTS" [20]="$SIGNS_MOSTLY" [21]="$SIGNS_MORE"
-               [22]="$SIGN_SCENES" [23]="$SIGNS_MORE")
+               [22]="$SIGN_SCENES" [23]="$SIGNS_MORE" [24]="$CHARTS_SIGNS")
 DATA_SEEDS=([3]=61 [4]=63 [5]=65 [7]=67 [8]=69 [9]=81 [10]=83 [11]=89 [12]=91 [13]=93 [14]=95 [15]=97 [16]=101
-            [17]=103 [18]=105 [19]=107 [20]=109 [21]=111 [22]=113 [23]=115)
+            [17]=103 [18]=105 [19]=107 [20]=109 [21]=111 [22]=113 [23]=115 [24]=117)
 DEFAULT_SIGNS=([16]=monospace [17]=monospace [18]=monospace [19]=monospace [20]=monospace
-               [21]=monospace [22]=monospace [23]=monospace)  # the others': SIGNS
+               [21]=monospace [22]=monospace [23]=monospace [24]=monospace)  # the others': SIGNS
 # each stage's learning rate: the scene stages', the answer stages'
 SCENE_LRS=([5]=3e-4 [9]=3e-4 [16]=2e-3 [18]=1e-3 [22]=5e-4)
 ANSWER_LRS=([3]=3e-4 [4]=1e-4 [6]=3e-4 [7]=1e-4 [8]=1e-4 [10]=2e-4 [11]=1e-4 [12]=2e-4 [13]=1e-4 [14]=2e-4 [15]=1e-4
-            [17]=2e-4 [19]=2e-4 [20]=2e-4 [21]=2e-4 [23]=2e-4)
+            [17]=2e-4 [19]=2e-4 [20]=2e-4 [21]=2e-4 [23]=2e-4 [24]=1e-4)
 # each later stage's STEPSk (0: no stage k) and BATCHk; a scene stage's SLACKk (unset: none); N_TRAINk, TASKSk and
 # SIGNSk for a stage with data of its own
 for k in "${LATER_STAGES[@]}"; do
@@ -124,7 +126,7 @@ scene_args() {  # scene_args LR STEPS BATCH SLACK: a later scene stage's argumen
          --min-lr-ratio 0.05 --batch-size "$3" --max-steps "$2" --seed "$SEED" --log-every 10 \
          --data-workers "$DATA_WORKERS" ${COMPILE:+--compile} ${4:+--centre-slack "$4"}
 }
-define_stages() {  # the stages' arguments for the current STEPS1 ... STEPS23
+define_stages() {  # the stages' arguments for the current STEPS1 ... STEPS24
     STAGE1=(--objective scene --vision full --connector full --lr 1e-3 --weight-decay 0.05 --warmup-steps 30 --min-lr-ratio 0.05
             --batch-size "$BATCH1" --max-steps "$STEPS1" --eval-data "$WORK/data/eval.jsonl" --eval-batch-size 32
             --seed "$SEED" --log-every 10 --data-workers "$DATA_WORKERS" ${COMPILE:+--compile}

@@ -254,14 +254,16 @@ def test_a_scene_stage_last_ships_the_adapter_of_the_stage_before_it(tmp_path):
     assert (flag(export, "--run"), flag(export, "--adapter")) == (f"{w}/scene18/final", f"{w}/run17/final")
 
 
-@pytest.mark.parametrize("k, seed, mix", [(20, "109", "colour=1,exists=2,count=4,spatial=2,chart=4,ocr=8"),
-                                           (21, "111", "colour=1,exists=2,count=5,spatial=2,chart=4,ocr=10")])
-def test_stages_20_and_21_go_on_from_the_stage_before_with_the_chat_written_once(tmp_path, k, seed, mix):
+@pytest.mark.parametrize("k, seed, mix, lr", [
+    (20, "109", "colour=1,exists=2,count=4,spatial=2,chart=4,ocr=8", "2e-4"),
+    (21, "111", "colour=1,exists=2,count=5,spatial=2,chart=4,ocr=10", "2e-4"),
+    (24, "117", "colour=1,exists=2,count=2.5,spatial=2,chart=4,ocr=2,grounding=0.25", "1e-4")])
+def test_stages_20_21_and_24_go_on_from_the_stage_before_with_the_chat_written_once(tmp_path, k, seed, mix, lr):
     calls, recipe = run_script(tmp_path, STEPS1="3", STEPS2="4", **{f"STEPS{k - 1}": str(k - 1), f"STEPS{k}": str(k)})
     w = tmp_path / "w"
     _, stage = train_calls(calls)[2:]
     assert chain([stage]) == [(f"{w}/run{k - 1}/final", f"{w}/run{k}", f"{w}/data{k}/train.jsonl,{w}/chat/train.jsonl")]
-    assert flag(stage, "--continue-adapter") == f"{w}/run{k - 1}/final" and flag(stage, "--lr") == "2e-4"
+    assert flag(stage, "--continue-adapter") == f"{w}/run{k - 1}/final" and flag(stage, "--lr") == lr
     assert len([c for c in calls if c[1:3] == ["data", "chat"]]) == 1
     assert training_data(calls, "--n", "--seed", "--signs", "--tasks")[f"{w}/data{k}"] == (
         str(8 * k), seed, "monospace", mix)
