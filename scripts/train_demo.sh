@@ -94,8 +94,7 @@ DEFAULT_TASKS=([3]="$FOCUS_TASKS" [4]="$FOCUS_TASKS" [5]="$FOCUS_TASKS" [7]="$CH
                [22]="$SIGN_SCENES" [23]="$SIGNS_MORE" [24]="$CHARTS_SIGNS")
 DATA_SEEDS=([3]=61 [4]=63 [5]=65 [7]=67 [8]=69 [9]=81 [10]=83 [11]=89 [12]=91 [13]=93 [14]=95 [15]=97 [16]=101
             [17]=103 [18]=105 [19]=107 [20]=109 [21]=111 [22]=113 [23]=115 [24]=117)
-DEFAULT_SIGNS=([16]=monospace [17]=monospace [18]=monospace [19]=monospace [20]=monospace
-               [21]=monospace [22]=monospace [23]=monospace [24]=monospace)  # the others': SIGNS
+default_signs() { if [ "$1" -ge 16 ]; then echo monospace; else echo "$SIGNS"; fi; }  # stage K's sign layout
 # each stage's learning rate: the scene stages', the answer stages'
 SCENE_LRS=([5]=3e-4 [9]=3e-4 [16]=2e-3 [18]=1e-3 [22]=5e-4)
 ANSWER_LRS=([3]=3e-4 [4]=1e-4 [6]=3e-4 [7]=1e-4 [8]=1e-4 [10]=2e-4 [11]=1e-4 [12]=2e-4 [13]=1e-4 [14]=2e-4 [15]=1e-4
@@ -114,7 +113,7 @@ for k in "${LATER_STAGES[@]}"; do
     if [ -n "${DEFAULT_TASKS[$k]:-}" ]; then
         printf -v "$n" '%s' "${!n:-$((${!steps} * ${!batch}))}"  # default: every sample seen once
         printf -v "$tasks" '%s' "${!tasks:-${DEFAULT_TASKS[$k]}}"
-        printf -v "$signs" '%s' "${!signs:-${DEFAULT_SIGNS[$k]:-$SIGNS}}"
+        printf -v "$signs" '%s' "${!signs:-$(default_signs "$k")}"
     fi
 done
 if [ "$STEPS6" -gt 0 ] && [ "$STEPS5" -eq 0 ]; then
@@ -251,7 +250,7 @@ for k in "${LATER_STAGES[@]}"; do  # the command and the recipe name a later sta
     if [ -n "${DEFAULT_TASKS[$k]:-}" ]; then  # a stage with data of its own (stage 6 has stage 5's)
         COMMAND="$COMMAND $n=${!n}"
         [ "${!tasks}" = "${DEFAULT_TASKS[$k]}" ] || COMMAND="$COMMAND $tasks=${!tasks}"
-        [ "${!signs}" = "${DEFAULT_SIGNS[$k]:-$SIGNS}" ] || COMMAND="$COMMAND $signs=${!signs}"
+        [ "${!signs}" = "$(default_signs "$k")" ] || COMMAND="$COMMAND $signs=${!signs}"
         FIELDS+=("stage${k}_tasks=${!tasks}" "n_train$k=${!n}")
         [ "${!signs}" = proportional ] || FIELDS+=("stage${k}_signs=${!signs}")
     fi
