@@ -14,12 +14,16 @@
         region shows, as `--objective scene` targets them), then held-out exact match every 50 steps
     python scripts/demo_diagnostics.py breakdown --report report.json --data eval.jsonl
         a `smolvlm eval --out` report split further: spatial by axis, counting by the true count
+    python scripts/demo_diagnostics.py snap-ceiling --data eval.jsonl --cell 16
+        the share of grounding questions a box snapped to its centre's cell (`oracle --snap`) answers right
 
 `oracle` layouts add words to each shape's token: `plain` colour + shape, `col` + its column digit, `ord` + its
 ordinal among the shapes of its kind in reading order, `half` + which half of its token the shape's centre lies in
 across (" west"/" east") and down (" north"/" south"), `grid` + the 16-px column and row of its centre (" zero" to
 " fifteen", " first" to " sixteenth"); `--task grounding` scores boxes by IoU >= 0.5, the other tasks token for
-token. Scripts' own figures go to stdout; `--json` for one JSON line.
+token. `--snap CELL` trains grounding on snapped boxes, a SNAP_SIDE-px square centred on the CELL-px cell holding the
+shape's centre, so that an answer is a function of where that cell is (location bins, as Pix2Seq's): the language
+model then has only to read the cell off the tokens. Scripts' own figures go to stdout; `--json` for one JSON line.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ import random
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +45,14 @@ import torch
 from smolvlm.api import load
 from smolvlm.errors import SmolVLMError
 from smolvlm.eval.metrics import score
-from smolvlm.train.data import Collator, load_jsonl
+from smolvlm.train.data import Collator, Sample, load_jsonl
 from smolvlm.train.lora import LoRAConfig, apply_lora
 from smolvlm.train.scene_labels import (
     BAR_CLASSES, CHAR_CLASSES, CHARACTERS, COLOUR_NAMES, NO_WORD, SHAPE_CLASSES, SIGN_CLASS, character_word,
     instance_map, token_word_list, token_words,
 )
 from smolvlm.train.scene_pretrain import SceneBatches, load_scenes, word_embeddings
-from smolvlm.train.synthetic import SHAPES, SIGN_LAYOUTS, split_sample
+from smolvlm.train.synthetic import SHAPES, SIGN_LAYOUTS, format_grounding, qwen_box, split_sample
 
 GRID = 8  # the demo's image tokens per side (256-px picture, 32-px tokens)
 HALF_WORDS = ((" west", " east"), (" north", " south"))  # `half` layout; words no synthetic question uses
@@ -55,6 +60,7 @@ GRID_WORDS = tuple([f" {w}" for w in words.split()] for words in (  # `grid` lay
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen",
     "first second third fourth fifth sixth seventh eighth ninth tenth eleventh twelfth thirteenth fourteenth fifteenth"
     " sixteenth"))
+SNAP_SIDE = 36  # px: the typical side of a `data synth` shape (26 to 46 px on 256-px pictures)
 
 
 def collisions(signs: str, n: int) -> dict[str, float]:
@@ -168,6 +174,57 @@ def metas_by_id(path: str) -> dict[str, dict]:
     return {record["id"]: record["meta"] for record in map(json.loads, filter(str.strip, lines))}
 
 
+def grounded_box(meta: dict) -> list[int]:
+    """The pixel box of the shape a grounding question (its `meta`) asks for."""
+    scene = meta["images"][0]
+    for thing in scene["objects"]:
+        if (thing["shape"], thing["colour"]) == (meta["shape"], meta["colour"]):
+            return thing["box"]
+    raise SmolVLMError(f"no {meta['colour']} {meta['shape']} in the question's scene")
+
+
+def snapped_box(box: Sequence[int], size: Sequence[int], cell: int) -> list[int]:
+    """Qwen-VL coordinates of a SNAP_SIDE-px square centred on the `cell`-px cell that holds the box's centre."""
+    if cell < 1:
+        raise SmolVLMError(f"a snapping cell is a positive number of pixels, not {cell}")
+    corners = []
+    for lo, hi, side in ((box[0], box[2], size[0]), (box[1], box[3], size[1])):
+        centre = (lo + hi) // 2 // cell * cell + cell // 2
+        corners.append((max(0, centre - SNAP_SIDE // 2), min(side, centre + SNAP_SIDE // 2)))
+    (x0, x1), (y0, y1) = corners
+    return qwen_box([x0, y0, x1, y1], size)
+
+
+def snapped_answer(meta: dict, cell: int) -> str:
+    """A grounding question's answer with its box snapped (`snapped_box`)."""
+    box = snapped_box(grounded_box(meta), meta["images"][0]["size"], cell)
+    return format_grounding(f"{meta['colour']} {meta['shape']}", box)
+
+
+def snap_ceiling(data_path: str, cell: int) -> dict[str, float]:
+    """The share of a synthetic JSONL's grounding questions that their snapped answer gets right (IoU >= 0.5)."""
+    hits = [score("grounding", snapped_answer(meta, cell), format_grounding("", meta["box"]))
+            for meta in metas_by_id(data_path).values() if meta.get("task") == "grounding"]
+    if not hits:
+        raise SmolVLMError(f"{data_path} has no grounding questions; write some with `smolvlm data synth --tasks "
+                           "grounding`")
+    return {"right": sum(hits) / len(hits), "n": len(hits)}
+
+
+def task_metas(path: str, task: str) -> list[tuple[Sample, dict]]:
+    """(sample, meta) of each question of one task in a synthetic JSONL."""
+    metas = metas_by_id(path)
+    return [(s, metas[s.id]) for s in load_jsonl(path) if s.task == task]
+
+
+def with_answer(sample: Sample, answer: str) -> Sample:
+    """The sample with its assistant answer replaced."""
+    def fetch() -> list[dict]:
+        messages = sample.conversation()
+        return [messages[0], {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+    return replace(sample, messages=None, fetch=fetch)
+
+
 class OracleTokens:
     """Exact image tokens of a scene: the embeddings of the words its regions show, laid out as in `--objective
     scene` (a thing at the token holding its centre; characters one token each, in reading order)."""
@@ -217,9 +274,14 @@ class OracleTokens:
 
 
 def oracle(model: str, train_path: str, eval_path: str, task: str, layout: str, steps: int, lr: float,
-           batch_size: int, seed: int, n_eval: int = 40, device: str = "cpu", every: int = 50
+           batch_size: int, seed: int, n_eval: int = 40, device: str = "cpu", every: int = 50, snap: int = 0
            ) -> list[dict[str, float]]:
-    """Train LoRA (r 16) on exact image tokens for one task; held-out exact match every `every` steps."""
+    """Train LoRA (r 16) on exact image tokens for one task; held-out exact match and the mean training loss every
+    `every` steps. `snap` > 0: grounding trains on boxes snapped to `snap`-px cells (scored on the true ones)."""
+    if snap and task != "grounding":
+        raise SmolVLMError("--snap is for --task grounding: it snaps the training boxes")
+    if snap < 0:
+        raise SmolVLMError(f"--snap is a cell side in pixels (0: no snapping), not {snap}")
     torch.manual_seed(seed)
     vlm = load(model, device=device, dtype=torch.float32)
     m, processor = vlm.model, vlm.processor
@@ -227,11 +289,9 @@ def oracle(model: str, train_path: str, eval_path: str, task: str, layout: str, 
     oracle_tokens = OracleTokens(m.text_model.embed_tokens.weight.detach().clone(),
                                  lambda text: tokenizer.encode(text, add_special_tokens=False), layout)
 
-    def task_samples(path: str) -> list[tuple]:
-        metas = metas_by_id(path)
-        return [(s, metas[s.id]["images"][0]) for s in load_jsonl(path) if s.task == task]
-
-    train_set, eval_set = task_samples(train_path), task_samples(eval_path)[:n_eval]
+    train_set = [(with_answer(s, snapped_answer(meta, snap)) if snap else s, meta["images"][0])
+                 for s, meta in task_metas(train_path, task)]
+    eval_set = [(s, meta["images"][0]) for s, meta in task_metas(eval_path, task)[:n_eval]]
     collator = Collator(processor)
     for p in m.parameters():
         p.requires_grad_(False)
@@ -239,6 +299,7 @@ def oracle(model: str, train_path: str, eval_path: str, task: str, layout: str, 
     optimizer = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr)
     order = random.Random(seed)
     report = []
+    losses = []
     start = time.perf_counter()
     for step in range(1, steps + 1):
         picked = order.sample(train_set, batch_size)
@@ -252,10 +313,12 @@ def oracle(model: str, train_path: str, eval_path: str, task: str, layout: str, 
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        losses.append(float(loss.detach()))
         if step % every == 0 or step == steps:
             exact = exact_match(m, collator, eval_set, oracle_tokens, tokenizer, task)
-            report.append({"step": step, "loss": float(loss.detach()), "exact": exact,
+            report.append({"step": step, "loss": sum(losses) / len(losses), "exact": exact,
                            "seconds": time.perf_counter() - start})
+            losses.clear()
             print(json.dumps(report[-1]), file=sys.stderr)
     return report
 
@@ -333,8 +396,10 @@ def figures(args: argparse.Namespace) -> Any:
         return breakdown(args.report, args.data)
     if args.command == "image-tokens":
         return image_tokens(args.model, args.image)
+    if args.command == "snap-ceiling":
+        return snap_ceiling(args.data, args.cell)
     return oracle(args.model, args.train, args.eval, args.task, args.layout, args.steps, args.lr, args.batch_size,
-                  args.seed, args.n_eval, args.device, args.every)
+                  args.seed, args.n_eval, args.device, args.every, args.snap)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -367,10 +432,15 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--n-eval", type=int, default=40, help="held-out questions scored")
     o.add_argument("--every", type=int, default=50, help="score every N steps")
     o.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    o.add_argument("--snap", type=int, default=0, metavar="CELL",
+                   help="grounding: train on boxes snapped to CELL-px cells (0: the true boxes)")
+    n = sub.add_parser("snap-ceiling")
+    n.add_argument("--data", required=True, help="synthetic JSONL with grounding questions")
+    n.add_argument("--cell", type=int, default=16, help="cell side in pixels")
     b = sub.add_parser("breakdown")
     b.add_argument("--report", required=True, help="`smolvlm eval --out` JSON (it holds every prediction)")
     b.add_argument("--data", required=True, help="the eval JSONL it scored (its meta names each question's axis)")
-    for p in (c, t, k, i, o, b):
+    for p in (c, t, k, i, o, b, n):
         p.add_argument("--json", action="store_true", help="one JSON line instead of a table")
     args = parser.parse_args(argv)
     try:
@@ -380,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.json:
         print(json.dumps(result))
+    elif args.command == "snap-ceiling":
+        print(f"snapped to {args.cell}-px cells: {100 * result['right']:.1f}% of {result['n']} boxes right")
     elif args.command in ("tokens", "breakdown"):
         for kind, row in result.items():
             print(f"{kind:<28} {100 * row['right']:5.1f}% right  (n={row['n']})")

@@ -14,8 +14,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from smolvlm.errors import DataError
+from smolvlm.errors import DataError, SmolVLMError
 from smolvlm.train import synthetic as syn
+from smolvlm.train.data import Sample
 from smolvlm.train.scene_labels import token_word_list
 
 SIZE = 128  # small pictures keep the suite fast; one test covers the 256 default
@@ -398,6 +399,43 @@ def test_demo_diagnostics_oracle_scores_boxes_by_overlap():
     assert answer_right("grounding", [3], [9], reference, lambda ids: decode(ids[0])) == 0.0  # cut short: no box
     assert answer_right("count", [5, 6], [5, 6], "3", decode) == 1.0
     assert answer_right("count", [5, 7], [5, 6], "3", decode) == 0.0
+
+
+def test_demo_diagnostics_snap_a_box_to_its_centres_cell(tmp_path, capsys):
+    diagnostics = _diagnostics()
+    # centre (50, 18): 16-px cell (3, 1), whose centre is (56, 24); a 36-px square there is (38, 6)-(74, 42)
+    assert diagnostics.snapped_box([40, 8, 60, 28], [256, 256], 16) == syn.qwen_box([38, 6, 74, 42], [256, 256])
+    assert diagnostics.snapped_box([0, 230, 20, 256], [256, 256], 16) == syn.qwen_box([0, 230, 26, 256], [256, 256])
+    scene = {"size": [256, 256], "objects": [{"shape": "circle", "colour": "red", "box": [40, 8, 60, 28]},
+                                             {"shape": "star", "colour": "red", "box": [100, 100, 136, 136]}]}
+    meta = {"task": "grounding", "shape": "star", "colour": "red", "images": [scene]}
+    assert diagnostics.snapped_answer(meta, 16) == syn.format_grounding("red star", syn.qwen_box(
+        [102, 102, 138, 138], [256, 256]))  # centre (118, 118) -> cell centre (120, 120)
+    with pytest.raises(SmolVLMError, match="blue star"):
+        diagnostics.snapped_answer({**meta, "colour": "blue"}, 16)
+    with pytest.raises(SmolVLMError, match="positive"):
+        diagnostics.snapped_box([40, 8, 60, 28], [256, 256], 0)
+    # the star's own box snapped to 16 px overlaps it well; snapped to 64 px (cell centre (96, 96)) it does not
+    data = tmp_path / "eval.jsonl"
+    data.write_text(json.dumps({"id": "g", "task": "grounding", "meta": {
+        **meta, "box": syn.qwen_box([100, 100, 136, 136], [256, 256])}}) + "\n")
+    assert diagnostics.snap_ceiling(str(data), 16) == {"right": 1.0, "n": 1}
+    assert diagnostics.snap_ceiling(str(data), 64) == {"right": 0.0, "n": 1}
+    empty = tmp_path / "none.jsonl"
+    empty.write_text(json.dumps({"id": "c", "task": "colour", "meta": {"task": "colour"}}) + "\n")
+    assert diagnostics.main(["snap-ceiling", "--data", str(empty)]) == 1
+    assert "no grounding questions" in capsys.readouterr().err
+
+
+def test_demo_diagnostics_with_answer_keeps_the_question():
+    diagnostics = _diagnostics()
+    sample = Sample(None, "x:1", id="g", task="grounding", fetch=lambda: [
+        {"role": "user", "content": [{"type": "text", "text": "Locate the red star."}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "old"}]}])
+    messages = diagnostics.with_answer(sample, "new").conversation()
+    assert messages[0]["content"][0]["text"] == "Locate the red star."
+    assert messages[1] == {"role": "assistant", "content": [{"type": "text", "text": "new"}]}
+    assert sample.conversation()[1]["content"][0]["text"] == "old"
 
 
 def test_demo_diagnostics_name_a_missing_file_in_one_line(tmp_path, capsys):
