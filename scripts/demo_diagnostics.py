@@ -44,7 +44,7 @@ import torch
 
 from smolvlm.api import load
 from smolvlm.errors import SmolVLMError
-from smolvlm.eval.metrics import score
+from smolvlm.eval.metrics import grounding_hit, score
 from smolvlm.train.data import Collator, Sample, load_jsonl
 from smolvlm.train.lora import LoRAConfig, apply_lora
 from smolvlm.train.scene_labels import (
@@ -195,15 +195,19 @@ def snapped_box(box: Sequence[int], size: Sequence[int], cell: int) -> list[int]
     return qwen_box([x0, y0, x1, y1], size)
 
 
+def snapped_target(meta: dict, cell: int) -> list[int]:
+    """The box a grounding question (its `meta`) asks for, snapped (`snapped_box`)."""
+    return snapped_box(grounded_box(meta), meta["images"][0]["size"], cell)
+
+
 def snapped_answer(meta: dict, cell: int) -> str:
-    """A grounding question's answer with its box snapped (`snapped_box`)."""
-    box = snapped_box(grounded_box(meta), meta["images"][0]["size"], cell)
-    return format_grounding(f"{meta['colour']} {meta['shape']}", box)
+    """A grounding question's answer with its box snapped."""
+    return format_grounding(f"{meta['colour']} {meta['shape']}", snapped_target(meta, cell))
 
 
 def snap_ceiling(data_path: str, cell: int) -> dict[str, float]:
     """The share of a synthetic JSONL's grounding questions that their snapped answer gets right (IoU >= 0.5)."""
-    hits = [score("grounding", snapped_answer(meta, cell), format_grounding("", meta["box"]))
+    hits = [float(grounding_hit(snapped_target(meta, cell), meta["box"]))
             for meta in metas_by_id(data_path).values() if meta.get("task") == "grounding"]
     if not hits:
         raise SmolVLMError(f"{data_path} has no grounding questions; write some with `smolvlm data synth --tasks "
