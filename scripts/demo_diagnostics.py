@@ -23,7 +23,9 @@ across (" west"/" east") and down (" north"/" south"), `grid` + the 16-px column
 " fifteen", " first" to " sixteenth"); `--task grounding` scores boxes by IoU >= 0.5, the other tasks token for
 token. `--snap CELL` trains grounding on snapped boxes, a SNAP_SIDE-px square centred on the CELL-px cell holding the
 shape's centre, so that an answer is a function of where that cell is (location bins, as Pix2Seq's): the language
-model then has only to read the cell off the tokens. Scripts' own figures go to stdout; `--json` for one JSON line.
+model then has only to read the cell off the tokens. `--save DIR` writes the LoRA adapter at every report and
+`--adapter DIR` trains on from one (an earlier run's, or the demo's `smolvlm/assets/demo`), so that a run longer than a
+sitting can go on later. Scripts' own figures go to stdout; `--json` for one JSON line.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from smolvlm.api import load
 from smolvlm.errors import SmolVLMError
 from smolvlm.eval.metrics import grounding_hit, score
 from smolvlm.train.data import Collator, Sample, load_jsonl
-from smolvlm.train.lora import LoRAConfig, apply_lora
+from smolvlm.train.lora import LoRAConfig, apply_lora, load_adapter, save_adapter
 from smolvlm.train.scene_labels import (
     BAR_CLASSES, CHAR_CLASSES, CHARACTERS, COLOUR_NAMES, NO_WORD, SHAPE_CLASSES, SIGN_CLASS, character_word,
     instance_map, token_word_list, token_words,
@@ -278,10 +280,12 @@ class OracleTokens:
 
 
 def oracle(model: str, train_path: str, eval_path: str, task: str, layout: str, steps: int, lr: float,
-           batch_size: int, seed: int, n_eval: int = 40, device: str = "cpu", every: int = 50, snap: int = 0
-           ) -> list[dict[str, float]]:
+           batch_size: int, seed: int, n_eval: int = 40, device: str = "cpu", every: int = 50, snap: int = 0,
+           adapter: str | None = None, save: str | None = None) -> list[dict[str, float]]:
     """Train LoRA (r 16) on exact image tokens for one task; held-out exact match and the mean training loss every
-    `every` steps. `snap` > 0: grounding trains on boxes snapped to `snap`-px cells (scored on the true ones)."""
+    `every` steps. `snap` > 0: grounding trains on boxes snapped to `snap`-px cells (scored on the true ones).
+    `adapter`: train on from a saved adapter (an earlier run's `save`, or the demo's) instead of a fresh one; `save`:
+    write the adapter there at every report, so that a long run can go on later from it."""
     if snap and task != "grounding":
         raise SmolVLMError("--snap is for --task grounding: it snaps the training boxes")
     if snap < 0:
@@ -299,7 +303,11 @@ def oracle(model: str, train_path: str, eval_path: str, task: str, layout: str, 
     collator = Collator(processor)
     for p in m.parameters():
         p.requires_grad_(False)
-    apply_lora(m, LoRAConfig(r=16, alpha=32), prefixes=("text_model.",))
+    if adapter:
+        config = load_adapter(m, adapter)  # its pairs are new LoRA layers, trainable like apply_lora's
+    else:
+        config = LoRAConfig(r=16, alpha=32)
+        apply_lora(m, config, prefixes=("text_model.",))
     optimizer = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr)
     order = random.Random(seed)
     report = []
@@ -324,6 +332,8 @@ def oracle(model: str, train_path: str, eval_path: str, task: str, layout: str, 
                            "seconds": time.perf_counter() - start})
             losses.clear()
             print(json.dumps(report[-1]), file=sys.stderr)
+            if save:
+                save_adapter(m, config, save)
     return report
 
 
@@ -403,7 +413,7 @@ def figures(args: argparse.Namespace) -> Any:
     if args.command == "snap-ceiling":
         return snap_ceiling(args.data, args.cell)
     return oracle(args.model, args.train, args.eval, args.task, args.layout, args.steps, args.lr, args.batch_size,
-                  args.seed, args.n_eval, args.device, args.every, args.snap)
+                  args.seed, args.n_eval, args.device, args.every, args.snap, args.adapter, args.save)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -438,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     o.add_argument("--snap", type=int, default=0, metavar="CELL",
                    help="grounding: train on boxes snapped to CELL-px cells (0: the true boxes)")
+    o.add_argument("--adapter", metavar="DIR", help="train on from this LoRA adapter (a `--save` folder, the demo's)")
+    o.add_argument("--save", metavar="DIR", help="write the adapter here at every report")
     n = sub.add_parser("snap-ceiling")
     n.add_argument("--data", required=True, help="synthetic JSONL with grounding questions")
     n.add_argument("--cell", type=int, default=16, help="cell side in pixels")

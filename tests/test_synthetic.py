@@ -443,3 +443,32 @@ def test_demo_diagnostics_name_a_missing_file_in_one_line(tmp_path, capsys):
     assert diagnostics.main(["count-tokens", "--data", str(tmp_path / "none.jsonl")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "none.jsonl" in err and "Traceback" not in err
+
+
+def test_demo_diagnostics_oracle_saves_its_adapter_and_goes_on_from_it(tmp_path, monkeypatch):
+    from checkpoints import write_tiny_checkpoint
+    from smolvlm.train.lora import read_adapter
+
+    diagnostics = _diagnostics()
+    checkpoint = write_tiny_checkpoint(tmp_path / "ckpt")
+    for name in ("preprocessor_config.json", "processor_config.json"):  # one 4-token view a picture, as the demo's
+        config = json.loads((checkpoint / name).read_text())
+        (config.get("image_processor", config))["do_image_splitting"] = False
+        (checkpoint / name).write_text(json.dumps(config))
+    monkeypatch.setattr(diagnostics, "GRID", 2)
+    train = syn.write_dataset(tmp_path / "train", 4, seed=3, tasks="grounding", progress=False)
+    evals = syn.write_dataset(tmp_path / "eval", 1, seed=3, split="eval", tasks="grounding", progress=False)
+
+    def run(save, adapter=None, lr=1e-2):
+        report = diagnostics.oracle(str(checkpoint), str(train), str(evals), "grounding", "grid", 2, lr, 2, 0,
+                                    n_eval=1, every=1, snap=16, adapter=adapter, save=str(tmp_path / save))
+        assert [row["step"] for row in report] == [1, 2]
+        return read_adapter(tmp_path / save)[1]
+
+    first = run("first")
+    assert all(pair["lora_B"].abs().sum() > 0 for pair in first.values())  # trained: lora_B starts at zero
+    kept = run("kept", adapter=str(tmp_path / "first"), lr=0.0)
+    assert kept.keys() == first.keys()
+    assert all(torch.equal(kept[name][w], first[name][w]) for name in first for w in ("lora_A", "lora_B"))
+    moved = run("moved", adapter=str(tmp_path / "first"))
+    assert any(not torch.equal(moved[name]["lora_B"], first[name]["lora_B"]) for name in first)
