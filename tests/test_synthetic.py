@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw
 from smolvlm.errors import DataError, SmolVLMError
 from smolvlm.train import synthetic as syn
 from smolvlm.train.data import Sample
+from smolvlm.train.lora import read_adapter
 from smolvlm.train.scene_labels import token_word_list
 
 SIZE = 128  # small pictures keep the suite fast; one test covers the 256 default
@@ -447,7 +448,6 @@ def test_demo_diagnostics_name_a_missing_file_in_one_line(tmp_path, capsys):
 
 def test_demo_diagnostics_oracle_saves_its_adapter_and_goes_on_from_it(tmp_path, monkeypatch):
     from checkpoints import write_tiny_checkpoint
-    from smolvlm.train.lora import read_adapter
 
     diagnostics = _diagnostics()
     checkpoint = write_tiny_checkpoint(tmp_path / "ckpt")
