@@ -21,9 +21,9 @@
 ordinal among the shapes of its kind in reading order, `half` + which half of its token the shape's centre lies in
 across (" west"/" east") and down (" north"/" south"), `grid` + the 16-px column and row of its centre (" zero" to
 " fifteen", " first" to " sixteenth"); `--task grounding` scores boxes by IoU >= 0.5, the other tasks token for
-token. `--snap CELL` trains grounding on snapped boxes, a SNAP_SIDE-px square centred on the CELL-px cell holding the
-shape's centre, so that an answer is a function of where that cell is (location bins, as Pix2Seq's): the language
-model then has only to read the cell off the tokens. `--save DIR` writes the LoRA adapter at every report and
+token. `--snap CELL` trains grounding on snapped boxes (`synthetic.snapped_box`: a square centred on the CELL-px cell
+holding the shape's centre), so that an answer is a function of where that cell is (location bins, as Pix2Seq's): the
+language model then has only to read the cell off the tokens. `--save DIR` writes the LoRA adapter at every report and
 `--adapter DIR` trains on from one (an earlier run's, or the demo's `smolvlm/assets/demo`), so that a run longer than a
 sitting can go on later. Scripts' own figures go to stdout; `--json` for one JSON line.
 """
@@ -54,7 +54,9 @@ from smolvlm.train.scene_labels import (
     instance_map, token_word_list, token_words,
 )
 from smolvlm.train.scene_pretrain import SceneBatches, load_scenes, word_embeddings
-from smolvlm.train.synthetic import SHAPES, SIGN_LAYOUTS, format_grounding, qwen_box, split_sample
+from smolvlm.train.synthetic import (
+    SHAPES, SIGN_LAYOUTS, snapped_grounding, snapped_target, split_sample,
+)
 
 GRID = 8  # the demo's image tokens per side (256-px picture, 32-px tokens)
 HALF_WORDS = ((" west", " east"), (" north", " south"))  # `half` layout; words no synthetic question uses
@@ -62,7 +64,6 @@ GRID_WORDS = tuple([f" {w}" for w in words.split()] for words in (  # `grid` lay
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen",
     "first second third fourth fifth sixth seventh eighth ninth tenth eleventh twelfth thirteenth fourteenth fifteenth"
     " sixteenth"))
-SNAP_SIDE = 36  # px: the typical side of a `data synth` shape (26 to 46 px on 256-px pictures)
 
 
 def collisions(signs: str, n: int) -> dict[str, float]:
@@ -176,37 +177,6 @@ def metas_by_id(path: str) -> dict[str, dict]:
     return {record["id"]: record["meta"] for record in map(json.loads, filter(str.strip, lines))}
 
 
-def grounded_box(meta: dict) -> list[int]:
-    """The pixel box of the shape a grounding question (its `meta`) asks for."""
-    scene = meta["images"][0]
-    for thing in scene["objects"]:
-        if (thing["shape"], thing["colour"]) == (meta["shape"], meta["colour"]):
-            return thing["box"]
-    raise SmolVLMError(f"no {meta['colour']} {meta['shape']} in the question's scene")
-
-
-def snapped_box(box: Sequence[int], size: Sequence[int], cell: int) -> list[int]:
-    """Qwen-VL coordinates of a SNAP_SIDE-px square centred on the `cell`-px cell that holds the box's centre."""
-    if cell < 1:
-        raise SmolVLMError(f"a snapping cell is a positive number of pixels, not {cell}")
-    corners = []
-    for lo, hi, side in ((box[0], box[2], size[0]), (box[1], box[3], size[1])):
-        centre = (lo + hi) // 2 // cell * cell + cell // 2
-        corners.append((max(0, centre - SNAP_SIDE // 2), min(side, centre + SNAP_SIDE // 2)))
-    (x0, x1), (y0, y1) = corners
-    return qwen_box([x0, y0, x1, y1], size)
-
-
-def snapped_target(meta: dict, cell: int) -> list[int]:
-    """The box a grounding question (its `meta`) asks for, snapped (`snapped_box`)."""
-    return snapped_box(grounded_box(meta), meta["images"][0]["size"], cell)
-
-
-def snapped_answer(meta: dict, cell: int) -> str:
-    """A grounding question's answer with its box snapped."""
-    return format_grounding(f"{meta['colour']} {meta['shape']}", snapped_target(meta, cell))
-
-
 def snap_ceiling(data_path: str, cell: int) -> dict[str, float]:
     """The share of a synthetic JSONL's grounding questions that their snapped answer gets right (IoU >= 0.5)."""
     hits = [float(grounding_hit(snapped_target(meta, cell), meta["box"]))
@@ -297,7 +267,7 @@ def oracle(model: str, train_path: str, eval_path: str, task: str, layout: str, 
     oracle_tokens = OracleTokens(m.text_model.embed_tokens.weight.detach().clone(),
                                  lambda text: tokenizer.encode(text, add_special_tokens=False), layout)
 
-    train_set = [(with_answer(s, snapped_answer(meta, snap)) if snap else s, meta["images"][0])
+    train_set = [(with_answer(s, snapped_grounding(meta, snap)) if snap else s, meta["images"][0])
                  for s, meta in task_metas(train_path, task)]
     eval_set = [(s, meta["images"][0]) for s, meta in task_metas(eval_path, task)[:n_eval]]
     collator = Collator(processor)

@@ -224,6 +224,25 @@ def test_cli_main_json(tmp_path, capsys):
     assert "unknown synthetic task" in capsys.readouterr().err
 
 
+def test_box_cell_snaps_the_training_grounding_answers_only(tmp_path, capsys):
+    true = read_records(syn.write_dataset(tmp_path / "true", 6, seed=2, tasks="grounding=1,count=1", progress=False))
+    rc = syn.main(["--n", "6", "--seed", "2", "--out", str(tmp_path / "snapped"), "--tasks", "grounding=1,count=1",
+                   "--box-cell", "16", "--json"])
+    assert rc == 0 and json.loads(capsys.readouterr().out)["box_cell"] == 16
+    snapped = read_records(tmp_path / "snapped" / "train.jsonl")
+    assert [r["meta"] for r in snapped] == [r["meta"] for r in true]  # same scenes; meta keeps the true box
+    for before, after in zip(true, snapped):
+        answer = after["messages"][1]["content"][0]["text"]
+        if after["task"] == "grounding":
+            assert answer == syn.snapped_grounding(after["meta"], 16) != before["messages"][1]["content"][0]["text"]
+        else:
+            assert after["messages"] == before["messages"]
+    assert syn.main(["--n", "1", "--out", str(tmp_path / "e"), "--split", "eval", "--box-cell", "16"]) == 2
+    assert "eval set keeps the true boxes" in capsys.readouterr().err
+    assert syn.main(["--n", "1", "--out", str(tmp_path / "e"), "--box-cell", "-1"]) == 2
+    assert "--box-cell" in capsys.readouterr().err
+
+
 def test_default_size_is_256(tmp_path):
     path = syn.write_dataset(tmp_path, 2, seed=0, tasks="ocr,grounding", progress=False)
     for r in read_records(path):
@@ -405,17 +424,17 @@ def test_demo_diagnostics_oracle_scores_boxes_by_overlap():
 def test_demo_diagnostics_snap_a_box_to_its_centres_cell(tmp_path, capsys):
     diagnostics = _diagnostics()
     # centre (50, 18): 16-px cell (3, 1), whose centre is (56, 24); a 36-px square there is (38, 6)-(74, 42)
-    assert diagnostics.snapped_box([40, 8, 60, 28], [256, 256], 16) == syn.qwen_box([38, 6, 74, 42], [256, 256])
-    assert diagnostics.snapped_box([0, 230, 20, 256], [256, 256], 16) == syn.qwen_box([0, 230, 26, 256], [256, 256])
+    assert syn.snapped_box([40, 8, 60, 28], [256, 256], 16) == syn.qwen_box([38, 6, 74, 42], [256, 256])
+    assert syn.snapped_box([0, 230, 20, 256], [256, 256], 16) == syn.qwen_box([0, 230, 26, 256], [256, 256])
     scene = {"size": [256, 256], "objects": [{"shape": "circle", "colour": "red", "box": [40, 8, 60, 28]},
                                              {"shape": "star", "colour": "red", "box": [100, 100, 136, 136]}]}
     meta = {"task": "grounding", "shape": "star", "colour": "red", "images": [scene]}
-    assert diagnostics.snapped_answer(meta, 16) == syn.format_grounding("red star", syn.qwen_box(
+    assert syn.snapped_grounding(meta, 16) == syn.format_grounding("red star", syn.qwen_box(
         [102, 102, 138, 138], [256, 256]))  # centre (118, 118) -> cell centre (120, 120)
     with pytest.raises(SmolVLMError, match="blue star"):
-        diagnostics.snapped_answer({**meta, "colour": "blue"}, 16)
+        syn.snapped_grounding({**meta, "colour": "blue"}, 16)
     with pytest.raises(SmolVLMError, match="positive"):
-        diagnostics.snapped_box([40, 8, 60, 28], [256, 256], 0)
+        syn.snapped_box([40, 8, 60, 28], [256, 256], 0)
     # the star's own box snapped to 16 px overlaps it well; snapped to 64 px (cell centre (96, 96)) it does not
     data = tmp_path / "eval.jsonl"
     data.write_text(json.dumps({"id": "g", "task": "grounding", "meta": {
