@@ -20,8 +20,8 @@
 `oracle` layouts add words to each shape's token: `plain` colour + shape, `col` + its column digit, `ord` + its
 ordinal among the shapes of its kind in reading order, `half` + which half of its token the shape's centre lies in
 across (" west"/" east") and down (" north"/" south"), `grid` + the 16-px column and row of its centre (" zero" to
-" fifteen", " first" to " sixteenth"); `--task grounding` scores boxes by IoU >= 0.5, the other tasks token for
-token. `--snap CELL` trains grounding on snapped boxes (`synthetic.snapped_box`: a square centred on the CELL-px cell
+" fifteen", " first" to " sixteenth": what `smolvlm train --objective scene --where-words` teaches a tower to say);
+`--task grounding` scores boxes by IoU >= 0.5, the other tasks token for token. `--snap CELL` trains grounding on snapped boxes (`synthetic.snapped_box`: a square centred on the CELL-px cell
 holding the shape's centre), so that an answer is a function of where that cell is (location bins, as Pix2Seq's): the
 language model then has only to read the cell off the tokens. `--save DIR` writes the LoRA adapter at every report and
 `--adapter DIR` trains on from one (an earlier run's, or the demo's `smolvlm/assets/demo`), so that a run longer than a
@@ -51,7 +51,7 @@ from smolvlm.train.data import Collator, Sample, load_jsonl
 from smolvlm.train.lora import LoRAConfig, apply_lora, load_adapter, save_adapter
 from smolvlm.train.scene_labels import (
     BAR_CLASSES, CHAR_CLASSES, CHARACTERS, COLOUR_NAMES, NO_WORD, SHAPE_CLASSES, SIGN_CLASS, character_word,
-    instance_map, token_word_list, token_words,
+    instance_map, token_word_list, token_words, where_words,
 )
 from smolvlm.train.scene_pretrain import SceneBatches, load_scenes, word_embeddings
 from smolvlm.train.synthetic import (
@@ -60,10 +60,6 @@ from smolvlm.train.synthetic import (
 
 GRID = 8  # the demo's image tokens per side (256-px picture, 32-px tokens)
 HALF_WORDS = ((" west", " east"), (" north", " south"))  # `half` layout; words no synthetic question uses
-GRID_WORDS = tuple([f" {w}" for w in words.split()] for words in (  # `grid` layout: 16-px column, then row
-    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen",
-    "first second third fourth fifth sixth seventh eighth ninth tenth eleventh twelfth thirteenth fourteenth fifteenth"
-    " sixteenth"))
 
 
 def collisions(signs: str, n: int) -> dict[str, float]:
@@ -222,7 +218,7 @@ class OracleTokens:
         for inst in instances:
             x, y = inst.centre()
             row, col = min(int(y) // cell, GRID - 1), min(int(x) // cell, GRID - 1)
-            across, down = int(x) * 2 // cell, int(y) * 2 // cell  # the centre's 16-px column and row
+            across, down = int(x) * 2 // cell, int(y) * 2 // cell  # the centre's half-token column and row
             placed.append((row * GRID + col, col, across, down, inst))
         taken: set[int] = set()
         for at, col, across, down, inst in sorted(placed, key=lambda p: p[0]):
@@ -240,8 +236,9 @@ class OracleTokens:
                     vector = vector + self.word(str(seen[SHAPES[shape]]))
                 elif self.layout == "half":  # which half of its token the centre lies in, across and down
                     vector = vector + self.word(HALF_WORDS[0][across % 2]) + self.word(HALF_WORDS[1][down % 2])
-                elif self.layout == "grid":  # where the centre is, to half a token, in words of its own per axis
-                    vector = vector + self.word(GRID_WORDS[0][across]) + self.word(GRID_WORDS[1][down])
+                elif self.layout == "grid":  # where the centre is, to half a token: `--where-words`' words
+                    column, row = where_words(*inst.centre(), scene["size"])
+                    vector = vector + self.word(column) + self.word(row)
             else:
                 continue
             taken.add(at)

@@ -18,7 +18,7 @@ from smolvlm.train.scene_labels import (
     CHAR_CLASSES, CHARACTERS, N_CLASSES, NO_WORD, SHAPE_CLASSES, instance_map, patch_targets, slack_tokens,
     token_word_list, token_words,
 )
-from smolvlm.train.scene_pretrain import align_losses, resolve_slack
+from smolvlm.train.scene_pretrain import align_losses, resolve_slack, word_ce
 from smolvlm.train.synthetic import COLOURS, SHAPES, render_scene
 from smolvlm.train.trainer import TrainConfig, train
 from test_trainer import synthetic_set, trainable_checkpoint
@@ -75,8 +75,9 @@ def test_patch_targets_summarise_the_map():
         patch_targets(scene, 24)
 
 
-@pytest.mark.parametrize("connector, workers, compile", [("frozen", 0, False), ("full", 2, True)])
-def test_scene_stage_trains_the_vision_tower_and_aligns_the_connector(tmp_path, connector, workers, compile):
+@pytest.mark.parametrize("connector, workers, compile, where", [
+    ("frozen", 0, False, False), ("full", 2, True, False), ("full", 0, False, True)])
+def test_scene_stage_trains_the_vision_tower_and_aligns_the_connector(tmp_path, connector, workers, compile, where):
     torch.set_num_threads(1)
     ckpt = trainable_checkpoint(tmp_path / "ckpt")
     data = synthetic_set(tmp_path / "data", 48, tasks="colour,count,ocr,chart")
@@ -84,7 +85,7 @@ def test_scene_stage_trains_the_vision_tower_and_aligns_the_connector(tmp_path, 
     metrics = train(TrainConfig(objective="scene", model=str(ckpt), data=str(data), out=str(out), vision="full",
                                 connector=connector, lr=3e-3, max_steps=40, batch_size=16, warmup_steps=2,
                                 eval_data=str(data), progress=False, data_workers=workers, compile=compile,
-                                centre_slack=3.0 if connector == "full" else 0.0))
+                                centre_slack=3.0 if connector == "full" else 0.0, where_words=where))
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     first, last = log[0], [r for r in log if "class_ce" in r][-1]
     assert last["step"] == 40
@@ -121,6 +122,8 @@ def test_scene_stage_errors(tmp_path, capsys):
     for policy in (["--connector", "frozen"], ["--objective", "lm"]):
         assert train_main([*common, "--vision", "full", "--data", str(data), "--centre-slack", "2", *policy]) == 2
         assert "--centre-slack (pixels, >= 0) places" in capsys.readouterr().err
+        assert train_main([*common, "--vision", "full", "--data", str(data), "--where-words", *policy]) == 2
+        assert "--where-words adds words" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse names the choices
         train_main([*common, "--vision", "full", "--data", str(data), "--objective", "pixels"])
     assert "choose from 'lm', 'scene'" in capsys.readouterr().err
@@ -143,10 +146,10 @@ def test_image_tokens_are_row_major_regions_in_connector_order():
         assert set(patches) == expected
 
 
-def _words(scene: dict, token_size: int) -> list[str]:
+def _words(scene: dict, token_size: int, where: bool = False) -> list[str]:
     """Each token's words joined with "+" (" red+ circle")."""
-    table = token_word_list()
-    return ["+".join(table[i] for i in row if i != NO_WORD) for row in token_words(scene, token_size)]
+    table = token_word_list(where)
+    return ["+".join(table[i] for i in row if i != NO_WORD) for row in token_words(scene, token_size, where=where)]
 
 
 def test_token_words_say_each_thing_at_its_centre():
@@ -158,6 +161,36 @@ def test_token_words_say_each_thing_at_its_centre():
     assert words[0 * 8 + 2] == " green+ star"
     assert words[6 * 8 + 6] == " red+ circle"
     assert sum(w != " background" for w in words) == 2
+
+
+def test_where_words_name_the_cell_of_a_shapes_centre():
+    scene = {**_scene("colour", 0), "objects": [
+        {"shape": "star", "colour": "green", "rgb": [0, 160, 0], "box": [70, 10, 110, 50]},  # centre (90, 30)
+        {"shape": "circle", "colour": "red", "rgb": [200, 0, 0], "box": [200, 200, 240, 256]},  # centre (220, 228)
+    ]}
+    assert token_word_list(True)[: len(token_word_list())] == token_word_list()  # old ids keep their words
+    assert token_words(scene, 32, where=True).shape == (64, 4)
+    words = _words(scene, 32, where=True)
+    assert words[0 * 8 + 2] == " green+ star+ five+ second"  # 16-px cell (5, 1)
+    assert words[7 * 8 + 6] == " red+ circle+ thirteen+ fifteenth"  # (13, 14)
+    assert sum(w != " background" for w in words) == 2
+    for task in ("ocr", "chart"):  # characters and bars say what they said
+        other = _scene(task, 1)
+        assert _words(other, 32, where=True) == _words(other, 32)
+
+
+def test_align_losses_split_a_token_evenly_over_its_words():
+    torch.manual_seed(0)
+    table = torch.randn(40, 256)
+    words = torch.tensor([[[0, NO_WORD, NO_WORD, NO_WORD], [3, 9, 20, 33], [5, 7, NO_WORD, NO_WORD]]])  # (1, 3, 4)
+    tokens = torch.stack([table[0], table[[3, 9, 20, 33]].sum(0), table[5] + table[7]])[None]  # exact targets
+    losses = align_losses(tokens, words, table)
+    assert float(losses["align_mse"]) == pytest.approx(0.0, abs=1e-6) and float(losses["word_acc"]) == 1.0
+    log_probs = (tokens @ table.T).log_softmax(-1)
+    expected = -log_probs[0, 1, [3, 9, 20, 33]].mean()  # a quarter of the target on each of the four words
+    assert float(word_ce(log_probs, words)[0, 1]) == pytest.approx(float(expected), rel=1e-6)
+    tokens[0, 1] = table[[3, 9, 20]].sum(0)  # one word short: its four nearest words are not its four
+    assert float(align_losses(tokens, words, table)["word_acc"]) == pytest.approx(0.5)
 
 
 def test_token_words_keep_the_first_claim_and_read_characters():

@@ -18,7 +18,7 @@ from smolvlm.errors import DataError, SmolVLMError
 from smolvlm.train import synthetic as syn
 from smolvlm.train.data import Sample
 from smolvlm.train.lora import read_adapter
-from smolvlm.train.scene_labels import token_word_list
+from smolvlm.train.scene_labels import WHERE_WORDS, token_word_list
 
 SIZE = 128  # small pictures keep the suite fast; one test covers the 256 default
 
@@ -395,7 +395,7 @@ def test_demo_diagnostics_counts_from_tokens_ignore_background_tokens(tmp_path, 
 def test_demo_diagnostics_oracle_tokens_say_where_a_shape_is(layout, extra, extra_second):
     diagnostics = _diagnostics()
     words = [" background", " red", " circle", " blue", " square", *diagnostics.HALF_WORDS[0],
-             *diagnostics.HALF_WORDS[1], *diagnostics.GRID_WORDS[0], *diagnostics.GRID_WORDS[1]]
+             *diagnostics.HALF_WORDS[1], *WHERE_WORDS[0], *WHERE_WORDS[1]]
     table = torch.randn(len(words), 8)
     oracle_tokens = diagnostics.OracleTokens(table, lambda text: [words.index(text)], layout)
     # centre (50, 18): token 1 (row 0, column 1 of 32-px tokens), the east and south half of it, 16-px column 3, row 1;

@@ -124,10 +124,26 @@ def character_word(char: str) -> str:
     return f" {char}" if char.isalpha() else char
 
 
-def token_word_list() -> list[str]:
-    """The words image tokens are taught to say (index = word id): background, colours, shapes, bar, characters."""
+WHERE_CELLS = 16  # `where` words cut a picture into 16 x 16 cells (16 px on the demo's 256-px pictures)
+WHERE_WORDS = tuple(tuple(f" {w}" for w in words.split()) for words in (  # a cell's column, then its row
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen",
+    ("first second third fourth fifth sixth seventh eighth ninth tenth eleventh twelfth thirteenth fourteenth "
+     "fifteenth sixteenth")))
+
+
+def token_word_list(where: bool = False) -> list[str]:
+    """The words image tokens are taught to say (index = word id): background, colours, shapes, bar, characters;
+    with `where`, then WHERE_WORDS' columns and rows."""
     words = [" background"] + [f" {c}" for c in COLOURS] + [f" {s}" for s in SHAPES] + [" bar"]
-    return words + [character_word(c) for c in CHARACTERS]
+    words += [character_word(c) for c in CHARACTERS]
+    return words + [*WHERE_WORDS[0], *WHERE_WORDS[1]] if where else words
+
+
+def where_words(x: float, y: float, size: Sequence[int]) -> tuple[str, str]:
+    """The column and row words (WHERE_WORDS) of the WHERE_CELLS-grid cell of a picture that holds the point (x, y)."""
+    column = min(int(x * WHERE_CELLS // size[0]), WHERE_CELLS - 1)
+    row = min(int(y * WHERE_CELLS // size[1]), WHERE_CELLS - 1)
+    return WHERE_WORDS[0][column], WHERE_WORDS[1][row]
 
 
 def _grid(ids: np.ndarray, cell: int, what: str) -> tuple[int, int]:
@@ -186,9 +202,10 @@ def slack_tokens(scene: Mapping[str, Any], token_size: int, slack: float, drawn:
     return np.array(rows, dtype=np.int64).reshape(-1, SLACK_CHOICES)
 
 
-def token_words(scene: Mapping[str, Any], token_size: int, drawn: Drawn | None = None) -> np.ndarray:
-    """The words (ids into `token_word_list`) each image token of the scene should say: (T, 2), tokens in row-major
-    order, the second column NO_WORD where a token says one word.
+def token_words(scene: Mapping[str, Any], token_size: int, drawn: Drawn | None = None, where: bool = False
+                ) -> np.ndarray:
+    """The words (ids into `token_word_list(where)`) each image token of the scene should say: (T, 2), or (T, 4) with
+    `where`, tokens in row-major order, the columns after a token's words NO_WORD.
 
     The picture is read like text, one token per thing: the token whose region holds a thing's centre says all of
     it at once, its target the sum of the words' embeddings (" red" + " circle" for a red circle, " red" + " bar"
@@ -196,13 +213,15 @@ def token_words(scene: Mapping[str, Any], token_size: int, drawn: Drawn | None =
     tokens about as well as a run of words (LoRA probe with exact targets, 60 steps x 8: colour 85% against 90% for
     " red", " circle" in two tokens; count 30% both), while a vision tower learns what a thing's own token should
     say far sooner than what its neighbour should (150 stage-1 steps: 72% of colour words at centres right, 4% of
-    shape words in the next token). The first thing to claim a token keeps it; a later one goes unsaid.
+    shape words in the next token). The first thing to claim a token keeps it; a later one goes unsaid. With
+    `where`, a shape's token also says where its centre is, in the column and row words of `where_words`, so that a
+    language model can read a place off the picture (grounding answers on `synthetic.snapped_box`'s location bins).
     `drawn` is the scene's `instance_map` when the caller already has it.
     """
     ids, instances = drawn if drawn is not None else instance_map(scene)
     gh, gw = _grid(ids, token_size, "image token size")
-    word_id = {word: i for i, word in enumerate(token_word_list())}
-    words = np.full((gh * gw, 2), NO_WORD, dtype=np.int64)
+    word_id = {word: i for i, word in enumerate(token_word_list(where))}
+    words = np.full((gh * gw, 4 if where else 2), NO_WORD, dtype=np.int64)
     words[:, 0] = 0
     for inst, at in _token_owners(instances, token_size, gh, gw):
         if inst.label >= BAR_CLASSES:
@@ -212,6 +231,8 @@ def token_words(scene: Mapping[str, Any], token_size: int, drawn: Drawn | None =
         else:
             shape, colour = divmod(inst.label - SHAPE_CLASSES, len(COLOURS))
             said = [f" {COLOUR_NAMES[colour]}", f" {SHAPES[shape]}"]
+            if where:
+                said += where_words(*inst.centre(), scene["size"])
         words[at, : len(said)] = [word_id[word] for word in said]
     return words
 

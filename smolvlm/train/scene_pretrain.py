@@ -89,17 +89,20 @@ def load_scenes(path: str | Path) -> list[dict[str, Any]]:
 class SceneBatches:
     """Rendered, normalised pictures and stacked patch targets for lists of scenes."""
 
-    def __init__(self, processor: Processor, patch_size: int, scale_factor: int, centre_slack: float = 0.0) -> None:
+    def __init__(self, processor: Processor, patch_size: int, scale_factor: int, centre_slack: float = 0.0,
+                 where: bool = False) -> None:
         if processor.image_config is None:
             raise ConfigError("the scene objective needs a checkpoint with an image processor")
         self.config = processor.image_config
         self.patch_size = patch_size
         self.token_size = patch_size * scale_factor  # pixels per image token's region
         self.centre_slack = centre_slack  # > 0: also each scene's `slack_tokens`
+        self.where = where  # a shape's token also names its centre's cell (`token_words`)
 
     def __call__(self, scenes: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """pixel_values (N, 3, H, W); patch targets classes (N, P, C), boxes (N, P, 4), has_box, centres (N, P); the
-        image tokens' word ids (N, T, 2); with a centre slack, the `slack_tokens` (N, K, 4), -1 padded."""
+        image tokens' word ids (N, T, 2), (N, T, 4) with `where`; with a centre slack, the `slack_tokens` (N, K, 4),
+        -1 padded."""
         tiles, targets, words, slack = [], [], [], []
         for scene in scenes:
             image = render_scene(scene)
@@ -111,7 +114,7 @@ class SceneBatches:
             tiles.append([cut])
             drawn = instance_map(scene)  # drawn once, summarised twice
             targets.append(patch_targets(scene, self.patch_size, drawn))
-            words.append(token_words(scene, self.token_size, drawn))
+            words.append(token_words(scene, self.token_size, drawn, self.where))
             if self.centre_slack > 0:
                 slack.append(slack_tokens(scene, self.token_size, self.centre_slack, drawn))
         pixel_values, _ = batch_tiles(tiles, self.config)  # (N, 1, 3, H, W)
@@ -129,12 +132,12 @@ class SceneBatches:
         return batch
 
 
-def word_embeddings(model: nn.Module, processor: Processor) -> torch.Tensor:
-    """(N_WORDS, D): the input embedding of each of `token_word_list`'s words (SmolLM2 has each as one token;
+def word_embeddings(model: nn.Module, processor: Processor, where: bool = False) -> torch.Tensor:
+    """(N_WORDS, D): the input embedding of each of `token_word_list(where)`'s words (SmolLM2 has each as one token;
     a tokenizer that splits a word gets the mean of its pieces)."""
     table = model.text_model.embed_tokens.weight.detach()  # (V, D)
     rows = []
-    for word in token_word_list():
+    for word in token_word_list(where):
         pieces = processor.tokenizer.encode(word, add_special_tokens=False)
         rows.append(table[torch.tensor(pieces, device=table.device)].mean(0))
     return torch.stack(rows)  # (W, D)
@@ -142,22 +145,21 @@ def word_embeddings(model: nn.Module, processor: Processor) -> torch.Tensor:
 
 def word_ce(log_probs: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
     """Cross-entropy (...) of log-probabilities over the words (..., W) against an even split over each token's
-    words (..., 2)."""
-    first, second = words[..., 0], words[..., 1]
-    two = second != NO_WORD
-    share = 1.0 - 0.5 * two.float()  # 1 for one word, 1/2 each for two
-    return -(share * log_probs.gather(-1, first[..., None])[..., 0]
-             + (1 - share) * log_probs.gather(-1, second.clamp(min=0)[..., None])[..., 0])
+    words (..., K), NO_WORD padded."""
+    present = words != NO_WORD  # (..., K)
+    share = present.float() / present.sum(-1, keepdim=True)  # 1 for one word, 1/2 each for two, ...
+    return -(share * log_probs.gather(-1, words.clamp(min=0))).sum(-1)
 
 
 @torch.no_grad()
 def resolve_slack(log_probs: torch.Tensor, words: torch.Tensor, slack: torch.Tensor) -> torch.Tensor:
-    """The token words (N, T, 2) with each `slack_tokens` thing (slack (N, K, 4), -1 padded) moved to the one of
+    """The token words (N, T, K) with each `slack_tokens` thing (slack (N, K, 4), -1 padded) moved to the one of
     its tokens whose cross-entropy gains least by saying it instead of " background" (log_probs (N, T, W))."""
     rows = torch.arange(len(words), device=words.device)[:, None, None]  # (N, 1, 1)
     tokens = slack.clamp(min=0)  # (N, K, 4)
-    said = words[rows[..., 0], tokens[..., 0]]  # (N, K, 2): the words of each thing
-    background = torch.tensor([0, NO_WORD], device=words.device)
+    said = words[rows[..., 0], tokens[..., 0]]  # (N, K, Kw): the words of each thing
+    background = torch.full_like(said[0, 0], NO_WORD)
+    background[0] = 0
     lp = log_probs[rows, tokens]  # (N, K, 4, W)
     cost = word_ce(lp, said[:, :, None].expand(-1, -1, SLACK_CHOICES, -1)) + lp[..., 0]  # (N, K, 4); word 0: background
     best = cost.masked_fill(slack < 0, float("inf")).argmin(-1, keepdim=True)  # (N, K, 1)
@@ -172,7 +174,7 @@ def resolve_slack(log_probs: torch.Tensor, words: torch.Tensor, slack: torch.Ten
 
 def align_losses(tokens: torch.Tensor, words: torch.Tensor, table: torch.Tensor,
                  slack: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Image tokens (N, T, D) against their words (N, T, 2) of `token_words`: relative squared error to the sum of
+    """Image tokens (N, T, D) against their words (N, T, K) of `token_words`: relative squared error to the sum of
     the words' embeddings; cross-entropy of the tokens' dot products with every word against an even split over
     the token's words (so each token is nearest its own), background down-weighted since it is most tokens; and
     the share of tokens whose nearest words are exactly theirs, overall and among the tokens that say something.
@@ -181,15 +183,16 @@ def align_losses(tokens: torch.Tensor, words: torch.Tensor, table: torch.Tensor,
     log_probs = (tokens @ table.T).log_softmax(-1)  # (N, T, W)
     if slack is not None:
         words = resolve_slack(log_probs, words, slack)
-    first, second = words[..., 0], words[..., 1]  # (N, T) each
-    two = second != NO_WORD
-    second = second.clamp(min=0)
-    targets = table[first] + table[second] * two[..., None]  # (N, T, D)
+    present = words != NO_WORD  # (N, T, K)
+    targets = (table[words.clamp(min=0)] * present[..., None]).sum(-2)  # (N, T, D)
     ce = word_ce(log_probs, words)  # (N, T)
+    first = words[..., 0]
     weight = torch.where(first == 0, BACKGROUND_WEIGHT, 1.0)
-    top2 = log_probs.topk(2, dim=-1).indices  # (N, T, 2)
-    right = torch.where(two, ((top2 == first[..., None]).any(-1) & (top2 == second[..., None]).any(-1)),
-                        top2[..., 0] == first)  # (N, T)
+    k = words.shape[-1]
+    top = log_probs.topk(k, dim=-1).indices  # (N, T, K)
+    among = torch.arange(k, device=words.device) < present.sum(-1, keepdim=True)  # (N, T, K): a token's top n
+    found = ((words[..., :, None] == top[..., None, :]) & among[..., None, :]).any(-1)  # (N, T, K)
+    right = (found | ~present).all(-1)  # (N, T): its n nearest words are exactly its n words
     said = first != 0
     return {"align_mse": (tokens - targets).pow(2).mean() / targets.pow(2).mean(),
             "align_ce": (ce * weight).sum() / weight.sum(),
@@ -215,13 +218,13 @@ def scene_losses(heads: SceneHeads, patches: torch.Tensor, batch: dict[str, torc
 class Alignment:
     """The connector and the word embeddings its image tokens are pulled towards."""
 
-    def __init__(self, model: nn.Module, processor: Processor) -> None:
+    def __init__(self, model: nn.Module, processor: Processor, where: bool = False) -> None:
         self.connector = model.connector
-        self.words = word_embeddings(model, processor)  # (W, D)
+        self.words = word_embeddings(model, processor, where)  # (W, D)
 
     def losses(self, patches: torch.Tensor, words: torch.Tensor,
                slack: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Patch features (N, P, Dv), token word ids (N, T, 2) and optional `slack_tokens` (N, K, 4) -> the
+        """Patch features (N, P, Dv), token word ids (N, T, K) and optional `slack_tokens` (N, K, 4) -> the
         alignment losses and accuracy."""
         return align_losses(self.connector(patches), words, self.words, slack)
 
@@ -262,14 +265,14 @@ def train_scene(config: Any) -> dict[str, Any]:
     align = None
     if config.connector != "frozen":
         params += list(model.connector.parameters())
-        align = Alignment(model, processor)
+        align = Alignment(model, processor, config.where_words)
     lr = config.vision_lr or config.lr
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay,
                                   betas=(config.beta1, config.beta2))
     scenes = load_scenes(config.data)
     eval_scenes = load_scenes(config.eval_data) if config.eval_data else []
     make_batch = SceneBatches(processor, model.config.vision.patch_size, model.config.scale_factor,
-                              config.centre_slack)
+                              config.centre_slack, config.where_words)
     order = random.Random(config.seed)
     epoch: list[int] = []
 

@@ -80,6 +80,7 @@ class TrainConfig:
     lora_targets: str = ""  # comma-separated regexes; empty: every projection
     continue_adapter: str = ""  # an adapter merged into --model, trained on (its rank, alpha and targets)
     centre_slack: float = 0.0  # scene objective: px from a token border within which a thing may be said either side
+    where_words: bool = False  # scene objective: a shape's token also names the 16th of the picture its centre is in
     # optimisation
     max_steps: int = 100
     batch_size: int = 8  # global samples per optimizer step
@@ -145,6 +146,9 @@ class TrainConfig:
         if self.centre_slack < 0 or (self.centre_slack and (self.objective != "scene" or self.connector != "full")):
             raise ConfigError("--centre-slack (pixels, >= 0) places the image tokens' words: it needs --objective "
                               f"scene and --connector full, got {self.centre_slack}")
+        if self.where_words and (self.objective != "scene" or self.connector != "full"):
+            raise ConfigError("--where-words adds words to the image tokens' targets: it needs --objective scene and "
+                              "--connector full")
         if self.continue_adapter and "lora" not in (self.vision, self.connector, self.text):
             raise ConfigError("--continue-adapter trains an adapter on: set the parts it adapts to lora "
                               "(e.g. --text lora)")
