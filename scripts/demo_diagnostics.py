@@ -2,7 +2,7 @@
 
     python scripts/demo_diagnostics.py collisions [--signs monospace] [--n 300]
         characters of synthetic signs that get no image token of their own (32-px tokens, 256-px pictures)
-    python scripts/demo_diagnostics.py tokens -m demo --data eval.jsonl
+    python scripts/demo_diagnostics.py tokens -m demo --data eval.jsonl [--where]
         share of a checkpoint's image tokens whose nearest words are their stage-1 words, per kind of thing
     python scripts/demo_diagnostics.py count-tokens -m demo --data eval.jsonl
         the counting questions answered from the image tokens alone (how many tokens name the asked shape), and
@@ -51,7 +51,7 @@ from smolvlm.train.data import Collator, Sample, load_jsonl
 from smolvlm.train.lora import LoRAConfig, apply_lora, load_adapter, save_adapter
 from smolvlm.train.scene_labels import (
     BAR_CLASSES, CHAR_CLASSES, CHARACTERS, COLOUR_NAMES, NO_WORD, SHAPE_CLASSES, SIGN_CLASS, character_word,
-    instance_map, token_word_list, token_words, where_words,
+    WHERE_CELLS, instance_map, token_word_list, token_words, where_words,
 )
 from smolvlm.train.scene_pretrain import SceneBatches, load_scenes, word_embeddings
 from smolvlm.train.synthetic import (
@@ -77,45 +77,68 @@ def collisions(signs: str, n: int) -> dict[str, float]:
     return {"signs": n, "characters_without_a_token": lost / total, "signs_unreadable": unreadable / n}
 
 
-def nearest_words(m: torch.nn.Module, table: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
-    """(N, T, 2): the two nearest of the words `table` (W, D) embeds (`word_embeddings`) to each image token of
-    pictures (N, 3, H, W)."""
+def word_scores(m: torch.nn.Module, table: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+    """(N, T, W): the dot product of each image token of pictures (N, 3, H, W) with each word `table` (W, D) embeds
+    (`word_embeddings`)."""
     with torch.no_grad():
         tokens = m.connector(m.vision_model(pixel_values)).float()  # (N, T, D)
-    return (tokens @ table.T).topk(2, dim=-1).indices
+    return tokens @ table.T
+
+
+def nearest_words(m: torch.nn.Module, table: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+    """(N, T, 2): the two nearest words to each image token (`word_scores`)."""
+    return word_scores(m, table, pixel_values).topk(2, dim=-1).indices
+
+
+def token_scores(model: str, scenes: list[dict], where: bool = False
+                 ) -> Iterator[tuple[dict, torch.Tensor, torch.Tensor]]:
+    """Each scene with its image tokens' dot products with every word of `token_word_list(where)` (T, W) and the
+    words the scene objective teaches them (T, 2), (T, 4) with `where`."""
+    vlm = load(model, device="cpu", dtype=torch.float32)
+    m = vlm.model
+    make_batch = SceneBatches(vlm.processor, m.config.vision.patch_size, m.config.scale_factor, where=where)
+    table = word_embeddings(m, vlm.processor, where).float()  # (W, D)
+    for i in range(0, len(scenes), 25):
+        chunk = scenes[i : i + 25]
+        batch = make_batch(chunk)
+        scores = word_scores(m, table, batch["pixel_values"])  # (N, T, W)
+        for n, scene in enumerate(chunk):
+            yield scene, scores[n], batch["words"][n]
 
 
 def token_top2(model: str, scenes: list[dict]) -> Iterator[tuple[dict, torch.Tensor, torch.Tensor]]:
     """Each scene with its image tokens' two nearest words (T, 2) and the words stage 1 taught them (T, 2)."""
-    vlm = load(model, device="cpu", dtype=torch.float32)
-    m = vlm.model
-    make_batch = SceneBatches(vlm.processor, m.config.vision.patch_size, m.config.scale_factor)
-    table = word_embeddings(m, vlm.processor).float()  # (W, D)
-    for i in range(0, len(scenes), 25):
-        chunk = scenes[i : i + 25]
-        batch = make_batch(chunk)
-        top2 = nearest_words(m, table, batch["pixel_values"])  # (N, T, 2)
-        for n, scene in enumerate(chunk):
-            yield scene, top2[n], batch["words"][n]
+    for scene, scores, words in token_scores(model, scenes):
+        yield scene, scores.topk(2, dim=-1).indices, words
 
 
-def token_accuracy(model: str, data: str, limit: int) -> dict[str, dict[str, float]]:
+def token_accuracy(model: str, data: str, limit: int, where: bool = False) -> dict[str, dict[str, float]]:
     """Per kind (background, shape, bar, chart character, sign character by font): how often a token's nearest
-    words are exactly its stage-1 words."""
+    words are exactly its stage-1 words. With `where` (a `--where-words` tower), a shape's colour and shape are its
+    two nearest words but for the where words, and its column and row are each the nearest of their axis' words."""
     names = token_word_list()
+    plain = len(names)  # where words come after these
     counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for scene, top2, words in token_top2(model, load_scenes(data)[:limit]):
-        for t, (first, second) in enumerate(words.tolist()):
+    for scene, scores, words in token_scores(model, load_scenes(data)[:limit], where):
+        top2 = scores[:, :plain].topk(2, dim=-1).indices  # (T, 2)
+        for t, (first, second, *place) in enumerate(words.tolist()):
             if first == 0:
-                kind, right = "background", top2[t, 0] == 0
+                said = {"background": scores[t].argmax() == 0}
             elif second == NO_WORD:
                 kind = "character, " + (f"sign {scene['sign']['style']}" if "sign" in scene else "chart")
-                right = top2[t, 0] == first
+                said = {kind: top2[t, 0] == first}
+            elif names[second] == " bar":
+                said = {"bar": set(top2[t].tolist()) == {first, second}}
             else:
-                kind = "bar" if names[second] == " bar" else "shape"
-                right = set(top2[t].tolist()) == {first, second}
-            counts[kind][0] += int(right)
-            counts[kind][1] += 1
+                said = {"shape": set(top2[t].tolist()) == {first, second}}
+                if where:
+                    columns, rows = scores[t, plain : plain + WHERE_CELLS], scores[t, plain + WHERE_CELLS :]
+                    column, row = plain + int(columns.argmax()), plain + WHERE_CELLS + int(rows.argmax())
+                    said |= {"shape: column": column == place[0], "shape: row": row == place[1],
+                             "shape: column and row": (column, row) == tuple(place)}
+            for kind, right in said.items():
+                counts[kind][0] += int(right)
+                counts[kind][1] += 1
     return {kind: {"right": r / total, "n": total} for kind, (r, total) in sorted(counts.items())}
 
 
@@ -370,7 +393,7 @@ def figures(args: argparse.Namespace) -> Any:
     if args.command == "collisions":
         return collisions(args.signs, args.n)
     if args.command == "tokens":
-        return token_accuracy(args.model, args.data, args.limit)
+        return token_accuracy(args.model, args.data, args.limit, args.where)
     if args.command == "count-tokens":
         return count_from_tokens(args.model, args.data)
     if args.command == "breakdown":
@@ -394,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("-m", "--model", default="demo")
     t.add_argument("--data", required=True, help="synthetic JSONL (its scenes are scored)")
     t.add_argument("--limit", type=int, default=280)
+    t.add_argument("--where", action="store_true", help="a `--where-words` tower: also score each shape's cell words")
     k = sub.add_parser("count-tokens")
     k.add_argument("-m", "--model", default="demo")
     k.add_argument("--data", required=True, help="synthetic JSONL with counting questions")

@@ -18,7 +18,7 @@ from smolvlm.errors import DataError, SmolVLMError
 from smolvlm.train import synthetic as syn
 from smolvlm.train.data import Sample
 from smolvlm.train.lora import read_adapter
-from smolvlm.train.scene_labels import WHERE_WORDS, token_word_list
+from smolvlm.train.scene_labels import NO_WORD, WHERE_WORDS, token_word_list
 
 SIZE = 128  # small pictures keep the suite fast; one test covers the 256 default
 
@@ -491,3 +491,28 @@ def test_demo_diagnostics_oracle_saves_its_adapter_and_goes_on_from_it(tmp_path,
     assert all(torch.equal(kept[name][w], first[name][w]) for name in first for w in ("lora_A", "lora_B"))
     moved = run("moved", adapter=str(tmp_path / "first"))
     assert any(not torch.equal(moved[name]["lora_B"], first[name]["lora_B"]) for name in first)
+
+
+def test_demo_diagnostics_score_where_words_per_axis(monkeypatch):
+    diagnostics = _diagnostics()
+    names = token_word_list(where=True)
+    at = {word: names.index(word) for word in (" red", " circle", " three", " second", " third", " blue", " bar")}
+    words = torch.tensor([[0, NO_WORD, NO_WORD, NO_WORD],  # background
+                          [at[" red"], at[" circle"], at[" three"], at[" second"]],  # a red circle in cell (3, 1)
+                          [at[" blue"], at[" bar"], NO_WORD, NO_WORD]])  # a blue bar
+    scores = torch.zeros(3, len(names))
+    scores[0, 0] = 1.0
+    scores[1, [at[" red"], at[" circle"], at[" three"], at[" third"]]] = 1.0  # its row read one too far down
+    scores[1, at[" second"]] = 0.5
+    scores[2, [at[" blue"], at[" bar"]]] = 1.0
+
+    def fake_scores(model, scenes, where):
+        assert where
+        yield {"size": [256, 256]}, scores, words
+
+    monkeypatch.setattr(diagnostics, "token_scores", fake_scores)
+    monkeypatch.setattr(diagnostics, "load_scenes", lambda path: [{}])
+    figures = diagnostics.token_accuracy("demo", "eval.jsonl", 10, where=True)
+    assert {kind: row["right"] for kind, row in figures.items()} == {
+        "background": 1.0, "bar": 1.0, "shape": 1.0, "shape: column": 1.0, "shape: row": 0.0,
+        "shape: column and row": 0.0}
