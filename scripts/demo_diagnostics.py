@@ -21,11 +21,12 @@
 ordinal among the shapes of its kind in reading order, `half` + which half of its token the shape's centre lies in
 across (" west"/" east") and down (" north"/" south"), `grid` + the 16-px column and row of its centre (" zero" to
 " fifteen", " first" to " sixteenth": what `smolvlm train --objective scene --where-words` teaches a tower to say);
-`--task grounding` scores boxes by IoU >= 0.5, the other tasks token for token. `--snap CELL` trains grounding on snapped boxes (`synthetic.snapped_box`: a square centred on the CELL-px cell
-holding the shape's centre), so that an answer is a function of where that cell is (location bins, as Pix2Seq's): the
-language model then has only to read the cell off the tokens. `--save DIR` writes the LoRA adapter at every report and
-`--adapter DIR` trains on from one (an earlier run's, or the demo's `smolvlm/assets/demo`), so that a run longer than a
-sitting can go on later. Scripts' own figures go to stdout; `--json` for one JSON line.
+`--task grounding` scores boxes by IoU >= 0.5, the other tasks token for token. `--snap CELL` trains grounding on
+snapped boxes (`synthetic.snapped_box`: a square centred on the CELL-px cell holding the shape's centre), so that an
+answer is a function of where that cell is (location bins, as Pix2Seq's): the language model then has only to read the
+cell off the tokens. `--save DIR` writes the LoRA adapter at every report and `--adapter DIR` trains on from one (an
+earlier run's, or the demo's `smolvlm/assets/demo`), so that a run longer than a sitting can go on later. Scripts' own
+figures go to stdout; `--json` for one JSON line.
 """
 
 from __future__ import annotations
@@ -54,9 +55,7 @@ from smolvlm.train.scene_labels import (
     WHERE_CELLS, instance_map, token_word_list, token_words, where_words,
 )
 from smolvlm.train.scene_pretrain import SceneBatches, load_scenes, word_embeddings
-from smolvlm.train.synthetic import (
-    SHAPES, SIGN_LAYOUTS, snapped_grounding, snapped_target, split_sample,
-)
+from smolvlm.train.synthetic import SHAPES, SIGN_LAYOUTS, snapped_grounding, snapped_target, split_sample
 
 GRID = 8  # the demo's image tokens per side (256-px picture, 32-px tokens)
 HALF_WORDS = ((" west", " east"), (" north", " south"))  # `half` layout; words no synthetic question uses

@@ -360,7 +360,7 @@ def format_grounding(phrase: str, box: Sequence[int]) -> str:
 
 # Location bins (as Pix2Seq's and Kosmos-2's): a training answer whose box is a function of one discrete thing, the
 # cell that holds the shape's centre, which an image token can name; scored against the true boxes, such answers at
-# 16-px cells are right (IoU >= 0.5) for about 88% of the shapes.
+# 16-px cells are right (IoU >= 0.5) for 87-89% of the shapes (`scripts/demo_diagnostics.py snap-ceiling`).
 SNAP_SIDE = 36  # px on a 256-px picture (it scales with the picture): the typical side of a shape, 26 to 46 px
 
 
@@ -832,8 +832,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how sign text is set: proportional, or monospace (a cell of 1/8 to 0.16 of the picture "
                              "width per character, so 8 x 8 image tokens give every character its own token)")
     parser.add_argument("--box-cell", type=int, default=0, metavar="PX",
-                        help="train split: grounding answers give a fixed-size box centred on the PX-px cell that holds "
-                             "the shape's centre (location bins; 16 on 256-px pictures), not the true box")
+                        help="train split: grounding answers give a fixed-size box centred on the PX-px cell that "
+                             "holds the shape's centre (location bins; 16 on 256-px pictures), not the true box")
     parser.add_argument("--json", action="store_true", help="print a JSON summary instead of a sentence")
 
 
