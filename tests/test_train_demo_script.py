@@ -287,3 +287,25 @@ def test_stages_22_and_23_a_scene_stage_then_the_adapter_of_stage_21_over_it(tmp
     assert data[f"{w}/data23"] == ("184", "115", "monospace", "colour=1,exists=2,count=5,spatial=2,chart=4,ocr=10")
     assert flag(export_call(calls), "--run") == f"{w}/run23/final"
     assert "stage22_chat" not in recipe and recipe["stage23_chat"] == recipe["stage21_chat"]
+
+
+def test_stages_25_and_26_where_words_then_the_adapter_on_location_bin_boxes(tmp_path):
+    calls, recipe = run_script(tmp_path, STEPS1="3", STEPS2="4", STEPS24="24", STEPS25="25", STEPS26="26",
+                               BOX_CELL="32")
+    w = tmp_path / "w"
+    stage24, scene25, stage26 = train_calls(calls)[-3:]
+    assert chain([scene25, stage26]) == [
+        (f"{w}/run24/final", f"{w}/scene25", f"{w}/data25/train.jsonl"),
+        (f"{w}/scene25/final", f"{w}/run26", f"{w}/data26/train.jsonl,{w}/chat/train.jsonl")]
+    assert "--where-words" in scene25 and flag(scene25, "--lr") == "1e-3" and flag(scene25, "--batch-size") == "32"
+    assert "--where-words" not in stage24 + stage26  # only the scene stage names places
+    assert flag(stage26, "--continue-adapter") == f"{w}/run24/final" and flag(stage26, "--lr") == "3e-4"
+    cells = {flag(c, "--out"): flag(c, "--box-cell") for c in calls if "--box-cell" in c}
+    assert cells == {f"{w}/data26": "32"}  # stage 26's answers only; never the eval split
+    assert training_data(calls, "--n", "--seed", "--tasks")[f"{w}/data26"] == (
+        "208", "121", "colour=1,exists=2,count=3,spatial=2,chart=3,ocr=3,grounding=8")
+    assert recipe["stage26_box_cell"] == "32" and "stage25_box_cell" not in recipe
+    assert recipe["command"].endswith("STEPS25=25 BATCH25=32 N_TRAIN25=800 STEPS26=26 BATCH26=8 N_TRAIN26=208 "
+                                      "BOX_CELL=32 scripts/train_demo.sh")
+    assert recipe["stage25"] == "smolvlm train " + " ".join(scene25[scene25.index("--objective"):])
+    assert flag(export_call(calls), "--run") == f"{w}/run26/final"
