@@ -75,9 +75,10 @@ def test_patch_targets_summarise_the_map():
         patch_targets(scene, 24)
 
 
-@pytest.mark.parametrize("connector, workers, compile, where", [
-    ("frozen", 0, False, False), ("full", 2, True, False), ("full", 0, False, True)])
-def test_scene_stage_trains_the_vision_tower_and_aligns_the_connector(tmp_path, connector, workers, compile, where):
+@pytest.mark.parametrize("connector, workers, compile, where, precision", [
+    ("frozen", 0, False, False, "auto"), ("full", 2, True, False, "auto"), ("full", 0, False, True, "bf16")])
+def test_scene_stage_trains_the_vision_tower_and_aligns_the_connector(tmp_path, connector, workers, compile, where,
+                                                                      precision):
     torch.set_num_threads(1)
     ckpt = trainable_checkpoint(tmp_path / "ckpt")
     data = synthetic_set(tmp_path / "data", 48, tasks="colour,count,ocr,chart")
@@ -85,7 +86,8 @@ def test_scene_stage_trains_the_vision_tower_and_aligns_the_connector(tmp_path, 
     metrics = train(TrainConfig(objective="scene", model=str(ckpt), data=str(data), out=str(out), vision="full",
                                 connector=connector, lr=3e-3, max_steps=40, batch_size=16, warmup_steps=2,
                                 eval_data=str(data), progress=False, data_workers=workers, compile=compile,
-                                centre_slack=3.0 if connector == "full" else 0.0, where_words=where))
+                                centre_slack=3.0 if connector == "full" else 0.0, where_words=where,
+                                precision=precision))
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     first, last = log[0], [r for r in log if "class_ce" in r][-1]
     assert last["step"] == 40

@@ -180,6 +180,23 @@ def test_compiled_layers_give_the_same_steps(setup, tmp_path):
         TrainConfig(model="m", data="d", compile=True, gradient_checkpointing=True).check()
 
 
+def test_bf16_forward_passes_on_the_cpu_train_close_to_fp32(setup, tmp_path):
+    model, data = setup
+    runs = []
+    for precision in ("fp32", "bf16"):
+        trainer = Trainer(TrainConfig(model=str(model), data=str(data), out=str(tmp_path / precision),
+                                      vision="frozen", connector="full", text="lora", lora_r=4, max_steps=2,
+                                      batch_size=4, precision=precision, progress=False, tensorboard=False))
+        losses = [trainer.train_step(step)["loss"] for step in range(2)]
+        runs.append((losses, [p.detach().clone() for _, p in trainer.trainable]))
+    (fp32_losses, fp32_params), (bf16_losses, bf16_params) = runs
+    assert fp32_losses != bf16_losses  # bf16 matmuls really ran
+    assert bf16_losses == pytest.approx(fp32_losses, rel=0.02)
+    assert all(p.dtype == torch.float32 for p in bf16_params)  # weights and their updates stay fp32
+    with pytest.raises(ConfigError, match="--precision must be one of auto, bf16, fp32"):
+        TrainConfig(model="m", data="d", precision="fp16").check()
+
+
 def test_schedule_and_cli_errors(setup, capsys):
     assert lr_factor(0, 4, 100, 0.1) == 0.25 and lr_factor(3, 4, 100, 0.1) == 1.0
     assert lr_factor(100, 4, 100, 0.1) == pytest.approx(0.1) and 0.1 < lr_factor(50, 4, 100, 0.1) < 1.0

@@ -244,7 +244,12 @@ def scene_stage_losses(vision: nn.Module, heads: SceneHeads, align: Alignment | 
 def train_scene(config: Any) -> dict[str, Any]:
     """Run the scene objective described by a TrainConfig; writes OUT/final and OUT/log.jsonl."""
     from smolvlm.api import resolve_device
-    from smolvlm.train.trainer import compile_layers, lr_factor, save_run_folder
+    from smolvlm.train.trainer import (
+        compile_layers,
+        forward_precision,
+        lr_factor,
+        save_run_folder,
+    )
 
     if config.vision != "full":
         raise ConfigError("--objective scene trains the whole vision tower: set --vision full")
@@ -305,7 +310,8 @@ def train_scene(config: Any) -> dict[str, Any]:
             factor = lr_factor(step, config.warmup_steps, config.max_steps, config.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr * factor
-            losses = scene_stage_losses(vision, heads, align, batch)
+            with forward_precision(config.precision, device, auto_bf16_on_gpu=False):  # fp32 unless asked
+                losses = scene_stage_losses(vision, heads, align, batch)
             losses["loss"].backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip or float("inf"))
             optimizer.step()

@@ -52,6 +52,7 @@ from smolvlm.weights.checkpoint import load_smolvlm, save_smolvlm, save_tensors
 log = logging.getLogger("smolvlm.train")
 PARTS = {"vision": ("vision_model.",), "connector": ("connector.",), "text": ("text_model.", "lm_head.")}
 POLICIES = ("frozen", "lora", "full")
+PRECISIONS = ("auto", "bf16", "fp32")  # of the forward passes; weights, gradients and optimizer state stay fp32
 OBJECTIVES = ("lm", "scene")
 STATE_FILES = ("trainable.safetensors", "optimizer.safetensors", "trainer_state.json")
 
@@ -94,6 +95,7 @@ class TrainConfig:
     max_length: int = 2048
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile each vision and text layer (one compile serves every layer of a kind)
+    precision: str = "auto"  # auto: bf16 autocast on a GPU, fp32 on the CPU; bf16 or fp32 on either
     # distillation
     distill_weight: float = 0.5
     distill_temperature: float = 2.0
@@ -141,6 +143,8 @@ class TrainConfig:
             raise ConfigError("--max-steps and --batch-size must be positive")
         if self.compile and self.gradient_checkpointing:
             raise ConfigError("--compile and --gradient-checkpointing do not combine here: pick one")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.data_workers < 0:
             raise ConfigError(f"--data-workers must be 0 (a background thread) or more, got {self.data_workers}")
         if self.centre_slack < 0 or (self.centre_slack and (self.objective != "scene" or self.connector != "full")):
@@ -152,6 +156,16 @@ class TrainConfig:
         if self.continue_adapter and "lora" not in (self.vision, self.connector, self.text):
             raise ConfigError("--continue-adapter trains an adapter on: set the parts it adapts to lora "
                               "(e.g. --text lora)")
+
+
+def forward_precision(precision: str, device: torch.device, auto_bf16_on_gpu: bool = True
+                      ) -> contextlib.AbstractContextManager:
+    """The autocast of a training forward pass: bf16 when `precision` says so, or under "auto" on a GPU (unless
+    `auto_bf16_on_gpu` is off); fp32 otherwise. On a CPU with AMX (Sapphire Rapids and later) bf16 matmuls run several
+    times faster than fp32 ones."""
+    if precision == "bf16" or (precision == "auto" and auto_bf16_on_gpu and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 @dataclass
@@ -385,9 +399,7 @@ class Trainer:
     # ---- one step ----
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return forward_precision(self.config.precision, self.device)
 
     def _gradient_sync(self, enabled: bool) -> contextlib.AbstractContextManager:
         """Skip the gradient all-reduce on all but the last micro-batch of an accumulation group."""
