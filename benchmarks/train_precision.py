@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 
 import torch
 
-from smolvlm.demo import demo_checkpoint
+from smolvlm.demo import demo_checkpoint, hardware
 from smolvlm.train import synthetic
 from smolvlm.train.trainer import TrainConfig, Trainer
 
@@ -69,8 +68,7 @@ def main() -> int:
         (fp32_step, fp32_losses), (bf16_step, bf16_losses) = (
             step_seconds(model, data, precision, args.steps, Path(tmp)) for precision in ("fp32", "bf16"))
     result: dict[str, Any] = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__},
+        "machine": hardware(),
         "matmul_1024x576x1536_ms": {"fp32": fp32_mm * 1e3, "bf16": bf16_mm * 1e3, "speedup": fp32_mm / bf16_mm},
         "answer_step_s": {"fp32": fp32_step, "bf16": bf16_step, "speedup": fp32_step / bf16_step},
         "losses": {"fp32": fp32_losses, "bf16": bf16_losses}, "model": model, "steps": args.steps}

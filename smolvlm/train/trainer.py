@@ -95,7 +95,7 @@ class TrainConfig:
     max_length: int = 2048
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile each vision and text layer (one compile serves every layer of a kind)
-    precision: str = "auto"  # auto: bf16 autocast on a GPU, fp32 on the CPU; bf16 or fp32 on either
+    precision: str = "auto"  # auto: bf16 autocast on a GPU, fp32 on the CPU (scene: fp32); bf16 or fp32 on either
     # distillation
     distill_weight: float = 0.5
     distill_temperature: float = 2.0
