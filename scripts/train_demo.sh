@@ -93,7 +93,9 @@ is_scene_stage() { [[ "$SCENE_STAGES" == *" $1 "* ]]; }
 CHAT_STAGES=" 19 20 21 23 24 26 "  # the answer stages whose data has the base model's own plain-text chat mixed in
 is_chat_stage() { [[ "$CHAT_STAGES" == *" $1 "* ]]; }
 WHERE_STAGES=" 25 "  # the scene stages whose shape tokens also name the shape's column and row (`--where-words`)
+is_where_stage() { [[ "$WHERE_STAGES" == *" $1 "* ]]; }
 BOX_STAGES=" 26 "  # the stages whose data has its grounding answers on location bins (`data synth --box-cell`)
+is_box_stage() { [[ "$BOX_STAGES" == *" $1 "* ]]; }
 BOX_CELL=${BOX_CELL:-16}
 # the mix of each later stage with data of its own (stage 6 trains on stage 5's) and the seed offset of that data
 DEFAULT_TASKS=([3]="$FOCUS_TASKS" [4]="$FOCUS_TASKS" [5]="$FOCUS_TASKS" [7]="$CHARTS_UP" [8]="$CHARTS_MOSTLY"
@@ -131,7 +133,7 @@ if [ "$STEPS6" -gt 0 ] && [ "$STEPS5" -eq 0 ]; then
 fi
 scene_args() {  # scene_args K LR STEPS BATCH SLACK: later scene stage K's arguments (stages 5, 9, 16, 18, 22, 25)
     local where=""
-    [[ "$WHERE_STAGES" != *" $1 "* ]] || where=--where-words
+    ! is_where_stage "$1" || where=--where-words
     echo --objective scene --vision full --connector full --lr "$2" --weight-decay 0.05 --warmup-steps 30 \
          --min-lr-ratio 0.05 --batch-size "$4" --max-steps "$3" --seed "$SEED" --log-every 10 \
          --data-workers "$DATA_WORKERS" ${COMPILE:+--compile} ${5:+--centre-slack "$5"} $where
@@ -213,7 +215,7 @@ ADAPTER="$FINAL"  # the folder of the adapter merged into them: still stage 2's 
 own_data() {  # own_data K: stage K's data, N_TRAINk samples of TASKSk with SIGNSk signs, seeded SEED + DATA_SEEDS[K]
     # (a BOX_STAGES stage's grounding answers on BOX_CELL-px location bins)
     local n="N_TRAIN$1" tasks="TASKS$1" signs="SIGNS$1" bins=()
-    [[ "$BOX_STAGES" != *" $1 "* ]] || bins=(--box-cell "$BOX_CELL")
+    ! is_box_stage "$1" || bins=(--box-cell "$BOX_CELL")
     synth "$WORK/data$1" "${!n}" "$((SEED + DATA_SEEDS[$1]))" train "${!tasks}" "${!signs}" "${bins[@]}"
 }
 answers_stage() {  # answers_stage K DATA: stage K trains the adapter on, on DATA (a `data synth` folder) + the chat
@@ -266,7 +268,7 @@ for k in "${LATER_STAGES[@]}"; do  # the command and the recipe name a later sta
         [ "${!signs}" = "$(default_signs "$k")" ] || COMMAND="$COMMAND $signs=${!signs}"
         FIELDS+=("stage${k}_tasks=${!tasks}" "n_train$k=${!n}")
         [ "${!signs}" = proportional ] || FIELDS+=("stage${k}_signs=${!signs}")
-        if [[ "$BOX_STAGES" == *" $k "* ]]; then  # its grounding answers on location bins
+        if is_box_stage "$k"; then  # its grounding answers on location bins
             [ "$BOX_CELL" = 16 ] || COMMAND="$COMMAND BOX_CELL=$BOX_CELL"
             FIELDS+=("stage${k}_box_cell=$BOX_CELL")
         fi

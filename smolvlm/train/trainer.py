@@ -398,9 +398,6 @@ class Trainer:
 
     # ---- one step ----
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        return forward_precision(self.config.precision, self.device)
-
     def _gradient_sync(self, enabled: bool) -> contextlib.AbstractContextManager:
         """Skip the gradient all-reduce on all but the last micro-batch of an accumulation group."""
         if self.dist.world == 1 or enabled:
@@ -436,7 +433,7 @@ class Trainer:
             if self.sharded and last:
                 self.wrapped.set_requires_gradient_sync(True)
             with self._gradient_sync(last):
-                with self._autocast():
+                with forward_precision(config.precision, self.device):
                     if self.teacher is not None:
                         logits = self.wrapped(**batch.model_inputs()).logits  # (B, T, V)
                         with torch.no_grad():
