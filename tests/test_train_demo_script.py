@@ -309,3 +309,19 @@ def test_stages_25_and_26_where_words_then_the_adapter_on_location_bin_boxes(tmp
                                       "BOX_CELL=32 scripts/train_demo.sh")
     assert recipe["stage25"] == "smolvlm train " + " ".join(scene25[scene25.index("--objective"):])
     assert flag(export_call(calls), "--run") == f"{w}/run26/final"
+
+
+def test_stage_27_goes_on_from_stage_26_on_location_bins_with_the_bin_size_named_once(tmp_path):
+    calls, recipe = run_script(tmp_path, STEPS1="3", STEPS2="4", STEPS25="25", STEPS26="26", STEPS27="27",
+                               BOX_CELL="32")
+    w = tmp_path / "w"
+    stage27 = train_calls(calls)[-1]
+    assert chain([stage27]) == [(f"{w}/run26/final", f"{w}/run27", f"{w}/data27/train.jsonl,{w}/chat/train.jsonl")]
+    assert flag(stage27, "--continue-adapter") == f"{w}/run26/final" and flag(stage27, "--lr") == "1e-4"
+    cells = {flag(c, "--out"): flag(c, "--box-cell") for c in calls if "--box-cell" in c}
+    assert cells == {f"{w}/data26": "32", f"{w}/data27": "32"}
+    assert training_data(calls, "--n", "--seed", "--tasks")[f"{w}/data27"] == (
+        "216", "123", "colour=1,exists=2,count=5,spatial=2,chart=5,ocr=2,grounding=4")
+    assert recipe["stage27_box_cell"] == "32" and recipe["command"].count("BOX_CELL") == 1
+    assert recipe["command"].endswith("STEPS27=27 BATCH27=8 N_TRAIN27=216 BOX_CELL=32 scripts/train_demo.sh")
+    assert flag(export_call(calls), "--run") == f"{w}/run27/final"
