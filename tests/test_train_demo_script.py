@@ -89,6 +89,11 @@ def training_data(calls: list[list[str]], *names: str) -> dict[str, tuple[str, .
             for c in calls if c[1:3] == ["data", "synth"] and flag(c, "--split") == "train"}
 
 
+def box_cells(calls: list[list[str]]) -> dict[str, str]:
+    """Each call given `--box-cell`: its output folder and the bin size."""
+    return {flag(c, "--out"): flag(c, "--box-cell") for c in calls if "--box-cell" in c}
+
+
 def test_every_stage_starts_from_the_last_ones_weights_and_the_recipe_names_them(tmp_path):
     calls, recipe = run_script(tmp_path, STEPS1="3", STEPS2="4", STEPS3="5", STEPS4="6", N_TRAIN="20", N_EVAL="7",
                                TASKS4="count=1")
@@ -300,8 +305,7 @@ def test_stages_25_and_26_where_words_then_the_adapter_on_location_bin_boxes(tmp
     assert "--where-words" in scene25 and flag(scene25, "--lr") == "1e-3" and flag(scene25, "--batch-size") == "32"
     assert "--where-words" not in stage24 + stage26  # only the scene stage names places
     assert flag(stage26, "--continue-adapter") == f"{w}/run24/final" and flag(stage26, "--lr") == "3e-4"
-    cells = {flag(c, "--out"): flag(c, "--box-cell") for c in calls if "--box-cell" in c}
-    assert cells == {f"{w}/data26": "32"}  # stage 26's answers only; never the eval split
+    assert box_cells(calls) == {f"{w}/data26": "32"}  # stage 26's answers only; never the eval split
     assert training_data(calls, "--n", "--seed", "--tasks")[f"{w}/data26"] == (
         "208", "121", "colour=1,exists=2,count=3,spatial=2,chart=3,ocr=3,grounding=8")
     assert recipe["stage26_box_cell"] == "32" and "stage25_box_cell" not in recipe
@@ -318,8 +322,7 @@ def test_stage_27_goes_on_from_stage_26_on_location_bins_with_the_bin_size_named
     stage27 = train_calls(calls)[-1]
     assert chain([stage27]) == [(f"{w}/run26/final", f"{w}/run27", f"{w}/data27/train.jsonl,{w}/chat/train.jsonl")]
     assert flag(stage27, "--continue-adapter") == f"{w}/run26/final" and flag(stage27, "--lr") == "1e-4"
-    cells = {flag(c, "--out"): flag(c, "--box-cell") for c in calls if "--box-cell" in c}
-    assert cells == {f"{w}/data26": "32", f"{w}/data27": "32"}
+    assert box_cells(calls) == {f"{w}/data26": "32", f"{w}/data27": "32"}
     assert training_data(calls, "--n", "--seed", "--tasks")[f"{w}/data27"] == (
         "216", "123", "colour=1,exists=2,count=5,spatial=2,chart=5,ocr=2,grounding=4")
     assert recipe["stage27_box_cell"] == "32" and recipe["command"].count("BOX_CELL") == 1
