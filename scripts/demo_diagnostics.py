@@ -13,7 +13,8 @@
         the language model's side alone: LoRA trained on exact image tokens (each the word embeddings of what its
         region shows, as `--objective scene` targets them), then held-out exact match every 50 steps
     python scripts/demo_diagnostics.py breakdown --report report.json --data eval.jsonl
-        a `smolvlm eval --out` report split further: spatial by axis, counting by the true count
+        a `smolvlm eval --out` report split further: spatial by axis, counting by the true count, the largest bar by
+        where the top two are, grounding by the 16-px column and row of the shape (the answer's box centred there)
     python scripts/demo_diagnostics.py snap-ceiling --data eval.jsonl --cell 16
         the share of grounding questions a box snapped to its centre's cell (`oracle --snap`) answers right
 
@@ -38,7 +39,7 @@ import random
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,7 @@ import torch
 
 from smolvlm.api import load
 from smolvlm.errors import SmolVLMError
-from smolvlm.eval.metrics import grounding_hit, score
+from smolvlm.eval.metrics import grounding_hit, parse_box, score
 from smolvlm.train.data import Collator, Sample, load_jsonl
 from smolvlm.train.lora import LoRAConfig, apply_lora, load_adapter, save_adapter
 from smolvlm.train.scene_labels import (
@@ -55,7 +56,9 @@ from smolvlm.train.scene_labels import (
     WHERE_CELLS, instance_map, token_word_list, token_words, where_words,
 )
 from smolvlm.train.scene_pretrain import SceneBatches, load_scenes, word_embeddings
-from smolvlm.train.synthetic import SHAPES, SIGN_LAYOUTS, snapped_grounding, snapped_target, split_sample
+from smolvlm.train.synthetic import (
+    SHAPES, SIGN_LAYOUTS, grounded_box, snapped_grounding, snapped_target, split_sample,
+)
 
 GRID = 8  # the demo's image tokens per side (256-px picture, 32-px tokens)
 HALF_WORDS = ((" west", " east"), (" north", " south"))  # `half` layout; words no synthetic question uses
@@ -357,9 +360,28 @@ def answer_right(task: str, produced: list[int], wanted: list[int], reference: s
     return float(produced == wanted)
 
 
+def answer_cell(prediction: str) -> tuple[int, int] | None:
+    """The (column, row) of the WHERE_CELLS-grid cell that holds the centre of a grounding answer's box (Qwen-VL
+    coordinates, in [0, 1000) of the picture); None when the answer has no box."""
+    box = parse_box(prediction)
+    if box is None:
+        return None
+    return tuple(min(int((box[a] + box[a + 2]) / 2 * WHERE_CELLS // 1000), WHERE_CELLS - 1) for a in (0, 1))
+
+
+def shape_cell(meta: Mapping[str, Any]) -> tuple[int, int]:
+    """The (column, row) of the WHERE_CELLS-grid cell that holds the centre of the shape a grounding question asks
+    for (the cell whose words a `--where-words` tower's token says)."""
+    x0, y0, x1, y1 = grounded_box(meta)
+    size = meta["images"][0]["size"]
+    return tuple(min(int(c * WHERE_CELLS // side), WHERE_CELLS - 1) for c, side in (((x0 + x1) / 2, size[0]),
+                                                                                  ((y0 + y1) / 2, size[1])))
+
+
 def breakdown(report_path: str, data_path: str) -> dict[str, dict[str, float]]:
-    """Exact match of an eval report's spatial answers per axis, counting answers per true count, and largest-bar
-    answers by whether the two tallest bars' centres share a row of image tokens."""
+    """Exact match of an eval report's spatial answers per axis, counting answers per true count, largest-bar
+    answers by whether the two tallest bars' centres share a row of image tokens, and per column and row of the
+    shape's 16-px cell the grounding answers whose box is centred in that column (row)."""
     try:
         report = json.loads(Path(report_path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
@@ -368,7 +390,7 @@ def breakdown(report_path: str, data_path: str) -> dict[str, dict[str, float]]:
     if not isinstance(report, dict) or "predictions" not in report:
         raise SystemExit(f"{report_path}: no predictions; write the report with `smolvlm eval ... --out`")
     missing = [p["id"] for p in report["predictions"]
-               if p["task"] in ("spatial", "count", "chart") and p["id"] not in meta]
+               if p["task"] in ("spatial", "count", "chart", "grounding") and p["id"] not in meta]
     if missing:
         raise SystemExit(f"{report_path}: {len(missing)} predictions (e.g. {missing[0]}) are not in {data_path}; "
                          "pass the eval JSONL that the report scored")
@@ -384,6 +406,11 @@ def breakdown(report_path: str, data_path: str) -> dict[str, dict[str, float]]:
             first, second = sorted((y0 + y1) / 2 // token for _, y0, _, y1 in (b["box"] for b in scene["bars"]))[:2]
             groups["largest bar, " + ("top two in one token row" if first == second else "top two in two rows")
                    ].append(p["score"])
+        elif p["task"] == "grounding":
+            truth = shape_cell(meta[p["id"]])
+            said = answer_cell(p["prediction"]) or (-1, -1)
+            for axis, name in enumerate(("column", "row")):
+                groups[f"grounding {name} {truth[axis]:02d}"].append(float(said[axis] == truth[axis]))
     return {key: {"right": sum(scores) / len(scores), "n": len(scores)} for key, scores in sorted(groups.items())}
 
 

@@ -304,7 +304,7 @@ def test_demo_diagnostics_counts_characters_without_a_token():
     assert figures["proportional"]["characters_without_a_token"] > 0.1  # narrow letters share a 32-px token
 
 
-def test_demo_diagnostics_breakdown_splits_spatial_by_axis_and_count_by_truth(tmp_path):
+def test_demo_diagnostics_breakdown_splits_spatial_by_axis_count_by_truth_and_grounding_by_cell(tmp_path):
     root = Path(__file__).resolve().parents[1]
     data = tmp_path / "eval.jsonl"
     rows = [("a", "spatial", {"axis": "horizontal"}), ("b", "spatial", {"axis": "horizontal"}),
@@ -315,6 +315,10 @@ def test_demo_diagnostics_breakdown_splits_spatial_by_axis_and_count_by_truth(tm
             {"box": [40 * k, top, 40 * k + 20, 200]} for k, top in enumerate(tops)]}]}
     rows += [("f", "chart", bars(100, 40, 36)), ("g", "chart", bars(100, 40, 120)),  # centres 120/118; 120/150
              ("h", "chart", {"question": "value"})]
+    star = {"shape": "star", "colour": "red", "box": [0, 0, 1, 1], "images": [{"size": [256, 256], "objects": [
+        {"shape": "circle", "colour": "red", "box": [0, 0, 9, 9]},
+        {"shape": "star", "colour": "red", "box": [40, 200, 72, 232]}]}]}  # centre (56, 216): column 3, row 13
+    rows += [("i", "grounding", star), ("j", "grounding", star), ("k", "grounding", star)]
     data.write_text("".join(json.dumps({"id": i, "task": t, "meta": {"task": t, **m}}) + "\n" for i, t, m in rows))
     predictions = [{"id": "a", "task": "spatial", "prediction": "left", "reference": "left", "score": 1.0},
                    {"id": "b", "task": "spatial", "prediction": "left", "reference": "right", "score": 0.0},
@@ -323,7 +327,12 @@ def test_demo_diagnostics_breakdown_splits_spatial_by_axis_and_count_by_truth(tm
                    {"id": "e", "task": "colour", "prediction": "red", "reference": "red", "score": 1.0},
                    {"id": "f", "task": "chart", "prediction": "B", "reference": "C", "score": 0.0},
                    {"id": "g", "task": "chart", "prediction": "B", "reference": "B", "score": 1.0},
-                   {"id": "h", "task": "chart", "prediction": "3", "reference": "5", "score": 0.0}]
+                   {"id": "h", "task": "chart", "prediction": "3", "reference": "5", "score": 0.0},
+                   {"id": "i", "task": "grounding", "prediction": "<ref>red star</ref><box>(148,773),(289,914)</box>",
+                    "reference": "", "score": 1.0},  # centred at column 3.5, row 13.5 of 16
+                   {"id": "j", "task": "grounding", "prediction": "<box>(85,773),(226,914)</box>", "reference": "",
+                    "score": 0.0},  # column 2
+                   {"id": "k", "task": "grounding", "prediction": "no box", "reference": "", "score": 0.0}]
     report = tmp_path / "report.json"
     report.write_text(json.dumps({"table": {}, "skipped": 0, "predictions": predictions}))
     out = subprocess.run([sys.executable, str(root / "scripts" / "demo_diagnostics.py"), "breakdown", "--report",
@@ -332,7 +341,9 @@ def test_demo_diagnostics_breakdown_splits_spatial_by_axis_and_count_by_truth(tm
     assert json.loads(out) == {"count, 3": {"right": 0.0, "n": 1}, "spatial, horizontal": {"right": 0.5, "n": 2},
                                "spatial, vertical": {"right": 1.0, "n": 1},
                                "largest bar, top two in one token row": {"right": 0.0, "n": 1},
-                               "largest bar, top two in two rows": {"right": 1.0, "n": 1}}
+                               "largest bar, top two in two rows": {"right": 1.0, "n": 1},
+                               "grounding column 03": {"right": 1 / 3, "n": 3},
+                               "grounding row 13": {"right": 2 / 3, "n": 3}}
 
 
 def _diagnostics():
