@@ -328,3 +328,18 @@ def test_stage_27_goes_on_from_stage_26_on_location_bins_with_the_bin_size_named
     assert recipe["stage27_box_cell"] == "32" and recipe["command"].count("BOX_CELL") == 1
     assert recipe["command"].endswith("STEPS27=27 BATCH27=8 N_TRAIN27=216 BOX_CELL=32 scripts/train_demo.sh")
     assert flag(export_call(calls), "--run") == f"{w}/run27/final"
+
+
+def test_stage_28_goes_on_from_stage_26_when_27_is_off_on_mostly_grounding_questions(tmp_path):
+    calls, recipe = run_script(tmp_path, STEPS1="3", STEPS2="4", STEPS25="25", STEPS26="26", STEPS28="28")
+    w = tmp_path / "w"
+    stage28 = train_calls(calls)[-1]
+    assert chain([stage28]) == [(f"{w}/run26/final", f"{w}/run28", f"{w}/data28/train.jsonl,{w}/chat/train.jsonl")]
+    assert flag(stage28, "--continue-adapter") == f"{w}/run26/final" and flag(stage28, "--lr") == "2e-4"
+    assert box_cells(calls) == {f"{w}/data26": "16", f"{w}/data28": "16"}
+    assert training_data(calls, "--n", "--seed", "--tasks")[f"{w}/data28"] == (
+        "224", "125", "colour=1,exists=2,count=3,spatial=2,chart=3,ocr=3,grounding=12")
+    assert "stage27" not in recipe and recipe["stage28_box_cell"] == "16" and "BOX_CELL" not in recipe["command"]
+    assert recipe["command"].endswith("STEPS26=26 BATCH26=8 N_TRAIN26=208 STEPS28=28 BATCH28=8 N_TRAIN28=224 "
+                                      "scripts/train_demo.sh")
+    assert flag(export_call(calls), "--run") == f"{w}/run28/final"
