@@ -343,3 +343,17 @@ def test_stage_28_goes_on_from_stage_26_when_27_is_off_on_mostly_grounding_quest
     assert recipe["command"].endswith("STEPS26=26 BATCH26=8 N_TRAIN26=208 STEPS28=28 BATCH28=8 N_TRAIN28=224 "
                                       "scripts/train_demo.sh")
     assert flag(export_call(calls), "--run") == f"{w}/run28/final"
+
+
+def test_stage_29_goes_on_from_stage_28_at_half_its_rate_on_fresh_samples_of_its_mix(tmp_path):
+    calls, recipe = run_script(tmp_path, STEPS1="3", STEPS2="4", STEPS28="28", STEPS29="29")
+    w = tmp_path / "w"
+    stage28, stage29 = train_calls(calls)[-2:]
+    assert chain([stage29]) == [(f"{w}/run28/final", f"{w}/run29", f"{w}/data29/train.jsonl,{w}/chat/train.jsonl")]
+    assert flag(stage29, "--continue-adapter") == f"{w}/run28/final" and flag(stage29, "--lr") == "1e-4"
+    data = training_data(calls, "--n", "--seed", "--tasks")
+    assert data[f"{w}/data29"] == ("232", "127", data[f"{w}/data28"][2])
+    assert box_cells(calls) == {f"{w}/data28": "16", f"{w}/data29": "16"}
+    assert recipe["command"].endswith("STEPS28=28 BATCH28=8 N_TRAIN28=224 STEPS29=29 BATCH29=8 N_TRAIN29=232 "
+                                      "scripts/train_demo.sh")
+    assert flag(export_call(calls), "--run") == f"{w}/run29/final"
