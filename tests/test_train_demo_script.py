@@ -315,45 +315,30 @@ def test_stages_25_and_26_where_words_then_the_adapter_on_location_bin_boxes(tmp
     assert flag(export_call(calls), "--run") == f"{w}/run26/final"
 
 
-def test_stage_27_goes_on_from_stage_26_on_location_bins_with_the_bin_size_named_once(tmp_path):
-    calls, recipe = run_script(tmp_path, STEPS1="3", STEPS2="4", STEPS25="25", STEPS26="26", STEPS27="27",
-                               BOX_CELL="32")
+GROUNDING_MOSTLY = "colour=1,exists=2,count=3,spatial=2,chart=3,ocr=3,grounding=12"  # stages 28 and 29
+
+
+@pytest.mark.parametrize(("env", "stage", "after", "lr", "data", "cells", "tail"), [
+    ({"STEPS25": "25", "STEPS26": "26", "STEPS27": "27", "BOX_CELL": "32"}, 27, 26, "1e-4",
+     ("216", "123", "colour=1,exists=2,count=5,spatial=2,chart=5,ocr=2,grounding=4"), {26: "32", 27: "32"},
+     "STEPS27=27 BATCH27=8 N_TRAIN27=216 BOX_CELL=32"),  # the bin size named once in the command
+    ({"STEPS25": "25", "STEPS26": "26", "STEPS28": "28"}, 28, 26, "2e-4", ("224", "125", GROUNDING_MOSTLY),
+     {26: "16", 28: "16"}, "STEPS26=26 BATCH26=8 N_TRAIN26=208 STEPS28=28 BATCH28=8 N_TRAIN28=224"),  # 27 off
+    ({"STEPS28": "28", "STEPS29": "29"}, 29, 28, "1e-4", ("232", "127", GROUNDING_MOSTLY), {28: "16", 29: "16"},
+     "STEPS28=28 BATCH28=8 N_TRAIN28=224 STEPS29=29 BATCH29=8 N_TRAIN29=232"),
+])
+def test_the_adapter_stages_after_26_go_on_from_the_last_stage_run_on_location_bins(
+        tmp_path, env, stage, after, lr, data, cells, tail):
+    calls, recipe = run_script(tmp_path, STEPS1="3", STEPS2="4", **env)
     w = tmp_path / "w"
-    stage27 = train_calls(calls)[-1]
-    assert chain([stage27]) == [(f"{w}/run26/final", f"{w}/run27", f"{w}/data27/train.jsonl,{w}/chat/train.jsonl")]
-    assert flag(stage27, "--continue-adapter") == f"{w}/run26/final" and flag(stage27, "--lr") == "1e-4"
-    assert box_cells(calls) == {f"{w}/data26": "32", f"{w}/data27": "32"}
-    assert training_data(calls, "--n", "--seed", "--tasks")[f"{w}/data27"] == (
-        "216", "123", "colour=1,exists=2,count=5,spatial=2,chart=5,ocr=2,grounding=4")
-    assert recipe["stage27_box_cell"] == "32" and recipe["command"].count("BOX_CELL") == 1
-    assert recipe["command"].endswith("STEPS27=27 BATCH27=8 N_TRAIN27=216 BOX_CELL=32 scripts/train_demo.sh")
-    assert flag(export_call(calls), "--run") == f"{w}/run27/final"
-
-
-def test_stage_28_goes_on_from_stage_26_when_27_is_off_on_mostly_grounding_questions(tmp_path):
-    calls, recipe = run_script(tmp_path, STEPS1="3", STEPS2="4", STEPS25="25", STEPS26="26", STEPS28="28")
-    w = tmp_path / "w"
-    stage28 = train_calls(calls)[-1]
-    assert chain([stage28]) == [(f"{w}/run26/final", f"{w}/run28", f"{w}/data28/train.jsonl,{w}/chat/train.jsonl")]
-    assert flag(stage28, "--continue-adapter") == f"{w}/run26/final" and flag(stage28, "--lr") == "2e-4"
-    assert box_cells(calls) == {f"{w}/data26": "16", f"{w}/data28": "16"}
-    assert training_data(calls, "--n", "--seed", "--tasks")[f"{w}/data28"] == (
-        "224", "125", "colour=1,exists=2,count=3,spatial=2,chart=3,ocr=3,grounding=12")
-    assert "stage27" not in recipe and recipe["stage28_box_cell"] == "16" and "BOX_CELL" not in recipe["command"]
-    assert recipe["command"].endswith("STEPS26=26 BATCH26=8 N_TRAIN26=208 STEPS28=28 BATCH28=8 N_TRAIN28=224 "
-                                      "scripts/train_demo.sh")
-    assert flag(export_call(calls), "--run") == f"{w}/run28/final"
-
-
-def test_stage_29_goes_on_from_stage_28_at_half_its_rate_on_fresh_samples_of_its_mix(tmp_path):
-    calls, recipe = run_script(tmp_path, STEPS1="3", STEPS2="4", STEPS28="28", STEPS29="29")
-    w = tmp_path / "w"
-    stage28, stage29 = train_calls(calls)[-2:]
-    assert chain([stage29]) == [(f"{w}/run28/final", f"{w}/run29", f"{w}/data29/train.jsonl,{w}/chat/train.jsonl")]
-    assert flag(stage29, "--continue-adapter") == f"{w}/run28/final" and flag(stage29, "--lr") == "1e-4"
-    data = training_data(calls, "--n", "--seed", "--tasks")
-    assert data[f"{w}/data29"] == ("232", "127", data[f"{w}/data28"][2])
-    assert box_cells(calls) == {f"{w}/data28": "16", f"{w}/data29": "16"}
-    assert recipe["command"].endswith("STEPS28=28 BATCH28=8 N_TRAIN28=224 STEPS29=29 BATCH29=8 N_TRAIN29=232 "
-                                      "scripts/train_demo.sh")
-    assert flag(export_call(calls), "--run") == f"{w}/run29/final"
+    last = train_calls(calls)[-1]
+    assert chain([last]) == [
+        (f"{w}/run{after}/final", f"{w}/run{stage}", f"{w}/data{stage}/train.jsonl,{w}/chat/train.jsonl")]
+    assert flag(last, "--continue-adapter") == f"{w}/run{after}/final" and flag(last, "--lr") == lr
+    assert training_data(calls, "--n", "--seed", "--tasks")[f"{w}/data{stage}"] == data
+    assert box_cells(calls) == {f"{w}/data{k}": cell for k, cell in cells.items()}
+    assert recipe[f"stage{stage}_box_cell"] == cells[stage]
+    assert not any(f"stage{k}" in recipe for k in range(after + 1, stage))  # the stages off in between
+    assert recipe["command"].endswith(f"{tail} scripts/train_demo.sh")
+    assert recipe["command"].count("BOX_CELL") == (cells[stage] != "16")
+    assert flag(export_call(calls), "--run") == f"{w}/run{stage}/final"
