@@ -237,10 +237,22 @@ def test_full_queue_429_and_disconnect_frees_the_slot(vlm):
     long = {"model": MODEL, "messages": endless, "max_tokens": 1500, "stream": True}
     short = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
     app = create_app(vlm, settings)
+    # once the long answer streams, its decode steps wait for `release`: on a loaded machine it could otherwise end
+    # before the short request is queued, and the full queue would never be seen
+    hold, release = threading.Event(), threading.Event()
+    decode_step = app.state.scheduler._decode_step
+
+    def held_decode_step() -> None:
+        if hold.is_set():
+            release.wait(timeout=60)
+        decode_step()
+
+    app.state.scheduler._decode_step = held_decode_step
     with serving(app) as base, httpx.Client(base_url=base, timeout=60) as http:
         with http.stream("POST", "/v1/chat/completions", json=long) as streaming:
             lines = streaming.iter_lines()  # keep a reference: a collected iterator closes the stream
             next(lines)
+            hold.set()
             waiting = threading.Thread(target=lambda: results.append(http.post("/v1/chat/completions", json=short)))
             results: list[httpx.Response] = []
             waiting.start()
@@ -252,6 +264,7 @@ def test_full_queue_429_and_disconnect_frees_the_slot(vlm):
             refused = http.post("/v1/chat/completions", json=short)
             assert refused.status_code == 429 and refused.headers["Retry-After"]
             assert refused.json()["error"]["type"] == "rate_limit_error"
+        release.set()
         # closing the stream cancels the long generation: the waiting request gets the slot and finishes
         waiting.join(timeout=30)
         assert results and results[0].status_code == 200
