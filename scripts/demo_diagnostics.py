@@ -53,7 +53,7 @@ from smolvlm.train.data import Collator, Sample, load_jsonl
 from smolvlm.train.lora import LoRAConfig, apply_lora, load_adapter, save_adapter
 from smolvlm.train.scene_labels import (
     BAR_CLASSES, CHAR_CLASSES, CHARACTERS, COLOUR_NAMES, NO_WORD, SHAPE_CLASSES, SIGN_CLASS, character_word,
-    WHERE_CELLS, instance_map, token_word_list, token_words, where_words,
+    WHERE_CELLS, instance_map, token_word_list, token_words, where_cell, where_words,
 )
 from smolvlm.train.scene_pretrain import SceneBatches, load_scenes, word_embeddings
 from smolvlm.train.synthetic import (
@@ -364,18 +364,14 @@ def answer_cell(prediction: str) -> tuple[int, int] | None:
     """The (column, row) of the WHERE_CELLS-grid cell that holds the centre of a grounding answer's box (Qwen-VL
     coordinates, in [0, 1000) of the picture); None when the answer has no box."""
     box = parse_box(prediction)
-    if box is None:
-        return None
-    return tuple(min(int((box[a] + box[a + 2]) / 2 * WHERE_CELLS // 1000), WHERE_CELLS - 1) for a in (0, 1))
+    return None if box is None else where_cell((box[0] + box[2]) / 2, (box[1] + box[3]) / 2, (1000, 1000))
 
 
 def shape_cell(meta: Mapping[str, Any]) -> tuple[int, int]:
     """The (column, row) of the WHERE_CELLS-grid cell that holds the centre of the shape a grounding question asks
     for (the cell whose words a `--where-words` tower's token says)."""
     x0, y0, x1, y1 = grounded_box(meta)
-    size = meta["images"][0]["size"]
-    return tuple(min(int(c * WHERE_CELLS // side), WHERE_CELLS - 1) for c, side in (((x0 + x1) / 2, size[0]),
-                                                                                  ((y0 + y1) / 2, size[1])))
+    return where_cell((x0 + x1) / 2, (y0 + y1) / 2, meta["images"][0]["size"])
 
 
 def breakdown(report_path: str, data_path: str) -> dict[str, dict[str, float]]:

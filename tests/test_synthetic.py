@@ -315,7 +315,7 @@ def test_demo_diagnostics_breakdown_splits_spatial_by_axis_count_by_truth_and_gr
             {"box": [40 * k, top, 40 * k + 20, 200]} for k, top in enumerate(tops)]}]}
     rows += [("f", "chart", bars(100, 40, 36)), ("g", "chart", bars(100, 40, 120)),  # centres 120/118; 120/150
              ("h", "chart", {"question": "value"})]
-    star = {"shape": "star", "colour": "red", "box": [0, 0, 1, 1], "images": [{"size": [256, 256], "objects": [
+    star = {"shape": "star", "colour": "red", "images": [{"size": [256, 256], "objects": [
         {"shape": "circle", "colour": "red", "box": [0, 0, 9, 9]},
         {"shape": "star", "colour": "red", "box": [40, 200, 72, 232]}]}]}  # centre (56, 216): column 3, row 13
     rows += [("i", "grounding", star), ("j", "grounding", star), ("k", "grounding", star)]

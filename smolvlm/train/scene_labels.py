@@ -139,10 +139,14 @@ def token_word_list(where: bool = False) -> list[str]:
     return words + [*WHERE_WORDS[0], *WHERE_WORDS[1]] if where else words
 
 
+def where_cell(x: float, y: float, size: Sequence[float]) -> tuple[int, int]:
+    """The (column, row) of the WHERE_CELLS-grid cell of a picture of `size` that holds the point (x, y)."""
+    return min(int(x * WHERE_CELLS // size[0]), WHERE_CELLS - 1), min(int(y * WHERE_CELLS // size[1]), WHERE_CELLS - 1)
+
+
 def where_words(x: float, y: float, size: Sequence[int]) -> tuple[str, str]:
     """The column and row words (WHERE_WORDS) of the WHERE_CELLS-grid cell of a picture that holds the point (x, y)."""
-    column = min(int(x * WHERE_CELLS // size[0]), WHERE_CELLS - 1)
-    row = min(int(y * WHERE_CELLS // size[1]), WHERE_CELLS - 1)
+    column, row = where_cell(x, y, size)
     return WHERE_WORDS[0][column], WHERE_WORDS[1][row]
 
 
