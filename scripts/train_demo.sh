@@ -35,6 +35,7 @@
 #      grounding answers still on location bins
 #   -> stage 28 (STEPS28 > 0): the adapter once more, on a mix of mostly grounding questions on location bins
 #   -> stage 29 (STEPS29 > 0): the same at half the rate, on fresh samples of stage 28's mix
+#   -> stage 30 (STEPS30 > 0): stage 29 once more, on fresh samples of that mix
 #   -> export (vision/connector, LoRA) -> `smolvlm eval` of the demo as users get it -> manifest.
 # Usage: scripts/train_demo.sh [WORK_DIR]
 #   env: SEED, STEPS1, STEPS2, BATCH1 (stage 1), BATCH (stage 2), N_TRAIN, N_EVAL, THREADS,
@@ -42,12 +43,12 @@
 #        of stages 1 to 15), SIGNSk (stage k's own data; monospace from stage 16 on), EVAL_SIGNS (the eval split's;
 #        SIGNS unless set),
 #        TRAIN_TASKS (the training mix, `data synth --tasks`; both stages train on it),
-#        STEPSk, BATCHk, N_TRAINk, TASKSk for each later stage k = 3 ... 29 (steps (0: no stage k), batch (32 for
+#        STEPSk, BATCHk, N_TRAINk, TASKSk for each later stage k = 3 ... 30 (steps (0: no stage k), batch (32 for
 #        the scene stages 5, 9, 16, 18, 22 and 25, else 8), samples (default STEPSk x BATCHk) and mix of its own data,
 #        seeded SEED + DATA_SEEDS[k]; stage 6 trains on stage 5's data), SLACKk (a scene stage's centre slack);
 #        the stages' learning rates are SCENE_LRS and ANSWER_LRS below,
 #        SLACK1 (stage 1 names a shape near a token border on either side, `--centre-slack` pixels; unset as shipped),
-#        BOX_CELL (the location bins' side in pixels of stages 26 to 29's grounding answers; 16),
+#        BOX_CELL (the location bins' side in pixels of stages 26 to 30's grounding answers; 16),
 #        CHAT_REPEAT (each self-distilled chat sample's copies in a CHAT_STAGES stage's data; 7),
 #        SHARDS (training data written by this many parallel `data synth` runs, shard k seeded SEED + 100k),
 #        DATA_WORKERS (processes building batches; a GPU needs several, the CPU recipe uses a background thread),
@@ -92,15 +93,15 @@ SIGNS_MORE="colour=1,exists=2,count=5,spatial=2,chart=4,ocr=10"  # stages 21 and
 CHARTS_SIGNS="colour=1,exists=2,count=2.5,spatial=2,chart=4,ocr=2,grounding=0.25"  # stage 24
 GROUNDING_UP="colour=1,exists=2,count=3,spatial=2,chart=3,ocr=3,grounding=8"  # stage 26
 COUNT_CHARTS_BOXES="colour=1,exists=2,count=5,spatial=2,chart=5,ocr=2,grounding=4"  # stage 27
-GROUNDING_MOSTLY="colour=1,exists=2,count=3,spatial=2,chart=3,ocr=3,grounding=12"  # stages 28 and 29
-LATER_STAGES=(3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29)
+GROUNDING_MOSTLY="colour=1,exists=2,count=3,spatial=2,chart=3,ocr=3,grounding=12"  # stages 28 to 30
+LATER_STAGES=(3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30)
 SCENE_STAGES=" 5 9 16 18 22 25 "  # the later stages of the scene objective; the others train the adapter on the answers
 is_scene_stage() { [[ "$SCENE_STAGES" == *" $1 "* ]]; }
-CHAT_STAGES=" 19 20 21 23 24 26 27 28 29 "  # the answer stages whose data has the base model's plain-text chat mixed in
+CHAT_STAGES=" 19 20 21 23 24 26 27 28 29 30 "  # the answer stages whose data has the base model's plain-text chat mixed in
 is_chat_stage() { [[ "$CHAT_STAGES" == *" $1 "* ]]; }
 WHERE_STAGES=" 25 "  # the scene stages whose shape tokens also name the shape's column and row (`--where-words`)
 is_where_stage() { [[ "$WHERE_STAGES" == *" $1 "* ]]; }
-BOX_STAGES=" 26 27 28 29 "  # the stages whose data has its grounding answers on location bins (`data synth --box-cell`)
+BOX_STAGES=" 26 27 28 29 30 "  # the stages whose data has its grounding answers on location bins (`data synth --box-cell`)
 is_box_stage() { [[ "$BOX_STAGES" == *" $1 "* ]]; }
 BOX_CELL=${BOX_CELL:-16}
 # the mix of each later stage with data of its own (stage 6 trains on stage 5's) and the seed offset of that data
@@ -110,16 +111,16 @@ DEFAULT_TASKS=([3]="$FOCUS_TASKS" [4]="$FOCUS_TASKS" [5]="$FOCUS_TASKS" [7]="$CH
                [18]="$SIGN_SCENES" [19]="$SIGNS_CHARTS" [20]="$SIGNS_MOSTLY" [21]="$SIGNS_MORE"
                [22]="$SIGN_SCENES" [23]="$SIGNS_MORE" [24]="$CHARTS_SIGNS" [25]="$SIGN_SCENES" [26]="$GROUNDING_UP"
                [27]="$COUNT_CHARTS_BOXES"
-               [28]="$GROUNDING_MOSTLY" [29]="$GROUNDING_MOSTLY")
+               [28]="$GROUNDING_MOSTLY" [29]="$GROUNDING_MOSTLY" [30]="$GROUNDING_MOSTLY")
 DATA_SEEDS=([3]=61 [4]=63 [5]=65 [7]=67 [8]=69 [9]=81 [10]=83 [11]=89 [12]=91 [13]=93 [14]=95 [15]=97 [16]=101
             [17]=103 [18]=105 [19]=107 [20]=109 [21]=111 [22]=113 [23]=115 [24]=117 [25]=119 [26]=121 [27]=123
-            [28]=125 [29]=127)
+            [28]=125 [29]=127 [30]=129)
 default_signs() { if [ "$1" -ge 16 ]; then echo monospace; else echo "$SIGNS"; fi; }  # stage K's sign layout
 # each stage's learning rate: the scene stages', the answer stages'
 SCENE_LRS=([5]=3e-4 [9]=3e-4 [16]=2e-3 [18]=1e-3 [22]=5e-4 [25]=1e-3)
 ANSWER_LRS=([3]=3e-4 [4]=1e-4 [6]=3e-4 [7]=1e-4 [8]=1e-4 [10]=2e-4 [11]=1e-4 [12]=2e-4 [13]=1e-4 [14]=2e-4 [15]=1e-4
             [17]=2e-4 [19]=2e-4 [20]=2e-4 [21]=2e-4 [23]=2e-4 [24]=1e-4 [26]=3e-4 [27]=1e-4
-            [28]=2e-4 [29]=1e-4)
+            [28]=2e-4 [29]=1e-4 [30]=1e-4)
 # each later stage's STEPSk (0: no stage k) and BATCHk; a scene stage's SLACKk (unset: none); N_TRAINk, TASKSk and
 # SIGNSk for a stage with data of its own
 for k in "${LATER_STAGES[@]}"; do
@@ -148,7 +149,7 @@ scene_args() {  # scene_args K LR STEPS BATCH SLACK: later scene stage K's argum
          --min-lr-ratio 0.05 --batch-size "$4" --max-steps "$3" --seed "$SEED" --log-every 10 \
          --data-workers "$DATA_WORKERS" ${COMPILE:+--compile} ${5:+--centre-slack "$5"} $where
 }
-define_stages() {  # the stages' arguments for the current STEPS1 ... STEPS29
+define_stages() {  # the stages' arguments for the current STEPS1 ... STEPS30
     STAGE1=(--objective scene --vision full --connector full --lr 1e-3 --weight-decay 0.05 --warmup-steps 30 --min-lr-ratio 0.05
             --batch-size "$BATCH1" --max-steps "$STEPS1" --eval-data "$WORK/data/eval.jsonl" --eval-batch-size 32
             --seed "$SEED" --log-every 10 --data-workers "$DATA_WORKERS" ${COMPILE:+--compile}

@@ -315,7 +315,7 @@ def test_stages_25_and_26_where_words_then_the_adapter_on_location_bin_boxes(tmp
     assert flag(export_call(calls), "--run") == f"{w}/run26/final"
 
 
-GROUNDING_MOSTLY = "colour=1,exists=2,count=3,spatial=2,chart=3,ocr=3,grounding=12"  # stages 28 and 29
+GROUNDING_MOSTLY = "colour=1,exists=2,count=3,spatial=2,chart=3,ocr=3,grounding=12"  # stages 28 to 30
 
 
 @pytest.mark.parametrize(("env", "stage", "after", "lr", "data", "cells", "tail"), [
@@ -326,6 +326,8 @@ GROUNDING_MOSTLY = "colour=1,exists=2,count=3,spatial=2,chart=3,ocr=3,grounding=
      {26: "16", 28: "16"}, "STEPS26=26 BATCH26=8 N_TRAIN26=208 STEPS28=28 BATCH28=8 N_TRAIN28=224"),  # 27 off
     ({"STEPS28": "28", "STEPS29": "29"}, 29, 28, "1e-4", ("232", "127", GROUNDING_MOSTLY), {28: "16", 29: "16"},
      "STEPS28=28 BATCH28=8 N_TRAIN28=224 STEPS29=29 BATCH29=8 N_TRAIN29=232"),
+    ({"STEPS29": "29", "STEPS30": "30"}, 30, 29, "1e-4", ("240", "129", GROUNDING_MOSTLY), {29: "16", 30: "16"},
+     "STEPS29=29 BATCH29=8 N_TRAIN29=232 STEPS30=30 BATCH30=8 N_TRAIN30=240"),
 ])
 def test_the_adapter_stages_after_26_go_on_from_the_last_stage_run_on_location_bins(
         tmp_path, env, stage, after, lr, data, cells, tail):
