@@ -97,11 +97,13 @@ GROUNDING_MOSTLY="colour=1,exists=2,count=3,spatial=2,chart=3,ocr=3,grounding=12
 LATER_STAGES=(3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30)
 SCENE_STAGES=" 5 9 16 18 22 25 "  # the later stages of the scene objective; the others train the adapter on the answers
 is_scene_stage() { [[ "$SCENE_STAGES" == *" $1 "* ]]; }
-CHAT_STAGES=" 19 20 21 23 24 26 27 28 29 30 "  # the answer stages whose data has the base model's plain-text chat mixed in
+# the answer stages whose data has the base model's plain-text chat mixed in
+CHAT_STAGES=" 19 20 21 23 24 26 27 28 29 30 "
 is_chat_stage() { [[ "$CHAT_STAGES" == *" $1 "* ]]; }
 WHERE_STAGES=" 25 "  # the scene stages whose shape tokens also name the shape's column and row (`--where-words`)
 is_where_stage() { [[ "$WHERE_STAGES" == *" $1 "* ]]; }
-BOX_STAGES=" 26 27 28 29 30 "  # the stages whose data has its grounding answers on location bins (`data synth --box-cell`)
+# the stages whose data has its grounding answers on location bins (`data synth --box-cell`)
+BOX_STAGES=" 26 27 28 29 30 "
 is_box_stage() { [[ "$BOX_STAGES" == *" $1 "* ]]; }
 BOX_CELL=${BOX_CELL:-16}
 # the mix of each later stage with data of its own (stage 6 trains on stage 5's) and the seed offset of that data
