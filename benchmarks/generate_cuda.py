@@ -21,6 +21,10 @@ must read once.
 
     python benchmarks/generate.py --device cuda                          # all shapes, JSON in benchmarks/results/
     python benchmarks/generate.py --device cuda --shapes 256M --no-compiled
+    python benchmarks/generate.py --device cuda --runs 256M:transformers 256M:ours-kernel --deadline 300
+
+`--runs` picks the runs and their order; `--deadline` fits them into a device call of fixed length
+(benchmarks/cuda_check.sh: the CUDA tests and this benchmark in one 10-minute call).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from generate import RESULTS, SHAPES, _rate, _StepClock, build_checkpoint, make_
 
 OURS = ("ours", "ours-compiled", "ours-kernel", "ours-compiled-kernel", "ours-attention-kernel")
 IMPLS = (*OURS, "transformers", "transformers-compiled")
+MIN_RUN_SECONDS = 20.0  # under --deadline, a run with less time left than this is not started
 GOALS = {"256M decode b1 tok/s": 1000.0, "256M decode b32 vs transformers": 10.0, "2.2B b1 roofline fraction": 0.5}
 
 
@@ -241,6 +246,15 @@ def run_plan(args: argparse.Namespace) -> list[tuple[str, str]]:
     return plan
 
 
+def parse_runs(parser: argparse.ArgumentParser, items: list[str], option: str) -> list[tuple[str, str]]:
+    """SHAPE:IMPL items as (shape, impl) pairs; a malformed one is a usage error naming the option."""
+    runs = [tuple(item.split(":", 1)) for item in items]
+    for run in runs:
+        if len(run) != 2 or run[0] not in SHAPES or run[1] not in IMPLS:
+            parser.error(f"{option} takes SHAPE:IMPL with SHAPE in {list(SHAPES)} and IMPL in {list(IMPLS)}")
+    return runs
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the GPU benchmark and write JSON (rewritten after every measurement, so a cut-off run keeps its part)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -260,18 +274,21 @@ def main(argv: list[str] | None = None) -> int:
                         "other options select)")
     parser.add_argument("--skip", nargs="*", default=[], metavar="SHAPE:IMPL",
                         help="leave out these runs, e.g. 256M:ours-compiled")
+    parser.add_argument("--runs", nargs="+", metavar="SHAPE:IMPL",
+                        help="run exactly these, in this order (instead of the plan the options above select)")
     parser.add_argument("--worker-timeout", type=int, default=240)
+    parser.add_argument("--deadline", type=float, metavar="SECONDS",
+                        help="start no run after this many seconds from the start, and cut each run off there "
+                             "(for a device call of fixed length; the runs left out are listed in the JSON)")
     parser.add_argument("--dry-run", action="store_true", help="print the runs the options select, run nothing")
     parser.add_argument("--out", type=Path, default=RESULTS / "generate-cuda.json")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    skip = {tuple(item.split(":", 1)) for item in args.skip}
-    for item in skip:
-        if len(item) != 2 or item[0] not in SHAPES or item[1] not in IMPLS:
-            parser.error(f"--skip takes SHAPE:IMPL with SHAPE in {list(SHAPES)} and IMPL in {list(IMPLS)}")
-    plan = [run for run in run_plan(args) if run not in skip]
+    skip = set(parse_runs(parser, args.skip, "--skip"))
+    plan = parse_runs(parser, args.runs, "--runs") if args.runs else run_plan(args)
+    plan = [run for run in plan if run not in skip]
     if args.dry_run:
         print("\n".join(f"{shape} {impl}" for shape, impl in plan))
         return 0
@@ -281,18 +298,30 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(args.worker, args.checkpoint, args.new_tokens, args.batches)))
         return 0
 
+    began = time.perf_counter()
     report = {
         "device": torch.cuda.get_device_name(),
         "dtype": "bfloat16",
         "new_tokens": args.new_tokens,
         "machine": {"platform": platform.platform(), "torch": torch.__version__},
         "copy_bandwidth_gb_s": copy_bandwidth() / 1e9,
-        "shapes": {shape: {} for shape in args.shapes},
+        "shapes": {shape: {} for shape in dict.fromkeys(shape for shape, _ in plan)},
+        "not_run": [],
     }
     torch.cuda.empty_cache()
     args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def seconds_left() -> float:
+        return float("inf") if args.deadline is None else args.deadline - (time.perf_counter() - began)
+
+    lines = summarize(report)
     with tempfile.TemporaryDirectory() as tmp:
         for shape, impl in plan:
+            if seconds_left() < MIN_RUN_SECONDS:
+                report["not_run"].append(f"{shape}:{impl}")
+                print(f"{shape} {impl}: not run, --deadline {args.deadline:.0f}s", file=sys.stderr, flush=True)
+                args.out.write_text(json.dumps(report, indent=2) + "\n")
+                continue
             directory = Path(tmp) / shape
             if not directory.exists():
                 start = time.perf_counter()
@@ -301,20 +330,23 @@ def main(argv: list[str] | None = None) -> int:
             batches = [1] if impl == "transformers-compiled" else args.batches
             cmd = [sys.executable, __file__, "--worker", impl, "--checkpoint", str(directory),
                    "--new-tokens", str(args.new_tokens), "--batches", *map(str, batches)]
+            timeout = max(1.0, min(args.worker_timeout, seconds_left()))
             try:
-                done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.worker_timeout)
+                done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
                 if done.returncode:
                     figures = {"error": done.stderr.strip()[-2000:]}
                 else:
                     figures = json.loads(done.stdout.strip().splitlines()[-1])
             except subprocess.TimeoutExpired:
-                figures = {"error": f"timed out after {args.worker_timeout}s"}
+                figures = {"error": f"timed out after {timeout:.0f}s"}
             report["shapes"][shape][impl] = figures
             print(f"{shape} {impl}: {json.dumps(figures)}", file=sys.stderr, flush=True)
             lines = summarize(report)
             args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"copy bandwidth {report['copy_bandwidth_gb_s']:.0f} GB/s on {report['device']}")
     print("\n".join(lines))
+    if report["not_run"]:
+        print(f"not run (--deadline {args.deadline:.0f}s): {' '.join(report['not_run'])}")
     if args.json:
         print(json.dumps(report, indent=2))
     print(f"wrote {args.out}")
