@@ -3,7 +3,7 @@
 # time, the machine's start included: give the call timeout_s 600). From the repository root on the GPU machine:
 #   OUT=results-dir bash benchmarks/cuda_check.sh          # all of it inside BUDGET seconds (default 570)
 #   OUT=results-dir bash benchmarks/cuda_check.sh tests    # the CUDA tests alone (cuda-tests.log)
-#   OUT=results-dir bash benchmarks/cuda_check.sh bench    # the benchmark alone (generate-cuda.json, .log)
+#   OUT=results-dir bash benchmarks/cuda_check.sh bench    # the benchmark alone in BUDGET s (generate-cuda.json, .log)
 # All of it: the CUDA tests that compile nothing (the GPU-vs-CPU parity tests among them), then
 # benchmarks/generate.py --device cuda, the runs the goals rest on first and each run cut off at the budget (the JSON
 # is rewritten after every run and lists those left out), then the tests of the compiled step in the time left.
@@ -29,10 +29,8 @@ esac
 # with cuBLAS projections, came closest to it before the projection kernels); then the rest of the comparison
 # (transformers at every shape, its compiled path at 256M), then ours-attention-kernel: ours-kernel without the
 # batch-1 projection kernels (decode_linear.py), to show what they gain.
-case $part in
-    all) deadline=$(($(left) - compiled_tests_s)) ;;
-    bench) deadline=$((590 - SECONDS)) ;;
-esac
+deadline=$(left)
+[ "$part" = all ] && deadline=$((deadline - compiled_tests_s))
 echo "== benchmarks/generate.py --device cuda (deadline ${deadline} s)"
 python3 benchmarks/generate.py --device cuda --runs 256M:transformers 256M:ours-kernel 256M:ours-compiled-kernel \
     2.2B:ours-kernel 2.2B:ours-compiled-kernel 2.2B:ours-compiled 2.2B:transformers 500M:transformers 500M:ours-kernel \

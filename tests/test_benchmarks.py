@@ -43,7 +43,7 @@ def test_runs_set_the_order_and_a_bad_run_is_refused():
 
 def test_the_deadline_cuts_each_run_off_and_lists_the_runs_left_out(tmp_path, monkeypatch):
     """No GPU needed: the workers, the checkpoint and the clock are stand-ins; each run takes 30 fake seconds."""
-    sys.path.insert(0, str(SCRIPT.parent))
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
     import generate_cuda
 
     now, timeouts = [0.0], []
